@@ -1,0 +1,1 @@
+"""Synthesis of degraded/clean training pairs into deterministic webdataset shards."""

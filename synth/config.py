@@ -1,0 +1,122 @@
+"""The synthesis configuration: one pydantic schema, loaded from YAML or built from the command line.
+
+Everything that changes the bytes of a shard is in :class:`SynthConfig`; its digest (sources excluded, so a
+dataset can be extended with new sources) guards an output directory against being mixed with another config.
+Runtime choices that do not change the bytes (workers, Ray address, progress bars) are not part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LAYOUTS = ("auto", "folder", "demo", "paired", "rain100l", "sots", "gopro", "lol", "snow100k", "promptir")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the file or field and the allowed values."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(Strict):
+    """Where images come from. ``path`` is a directory, or ``demo`` for the images that ship with scikit-image."""
+
+    path: str
+    layout: Literal[LAYOUTS] = "auto"  # type: ignore[valid-type]
+    name: str | None = Field(default=None, description="Dataset name recorded per sample; default: folder name.")
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        """``DIR``, ``demo`` or ``LAYOUT:DIR`` (e.g. ``rain100l:/data/Rain100L``) as given on the command line."""
+        layout, sep, path = text.partition(":")
+        if sep and layout in LAYOUTS and not path.startswith("//"):
+            return cls(path=path, layout=layout)
+        if text == "demo":
+            return cls(path="demo", layout="demo")
+        return cls(path=text)
+
+
+class SplitConfig(Strict):
+    """Splits of sources that have no official split, by content hash; folds partition the training split."""
+
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    folds: int = Field(2, ge=1, le=64, description="K of the cross-validation; 1 = no folds.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class DemoConfig(Strict):
+    """How the embedded demo source cuts scikit-image's photographs into many small source images."""
+
+    long_side: int = Field(512, ge=64)
+    crop: int = Field(128, ge=32)
+
+
+class SynthConfig(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    recipe: str = Field(description="A bundled recipe name (see `clearair synth --list-recipes`) or a YAML path.")
+    out: str
+    mode: Literal["materialized", "on_the_fly"] = "materialized"
+    seed: int = Field(0, ge=0)
+    samples_per_shard: int = Field(64, ge=1)
+    patch_size: int = Field(128, ge=8, description="Training crop size drawn at read time; smaller images are skipped.")
+    max_side: int | None = Field(512, ge=16, description="Longer images are downscaled (area) to this long side.")
+    variants: int = Field(1, ge=1, description="Degraded variants drawn per clean source image.")
+    max_samples: int | None = Field(None, ge=1)
+    png_compression: int = Field(1, ge=0, le=9, description="zlib level of the PNGs in the shards (1 = fast).")
+    splits: SplitConfig = SplitConfig()
+    demo: DemoConfig = DemoConfig()
+
+    def digest(self) -> str:
+        """sha256 of everything that decides shard bytes except the source list and the output path."""
+        body = self.model_dump(mode="json", exclude={"sources", "out"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], origin: str = "command line") -> SynthConfig:
+    """Build a :class:`SynthConfig`, turning pydantic's errors into one :class:`ConfigError` naming each field."""
+    try:
+        return SynthConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SynthConfig:
+    """Read a YAML synth config and apply ``overrides`` (dotted keys allowed) before validation."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return validate_config(data, origin=str(path))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(d, "splits.folds", 3)`` sets ``d["splits"]["folds"]``, creating levels as needed."""
+    *parents, last = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[last] = value

@@ -1,0 +1,207 @@
+"""Recipes: which degradations make which task, as validated YAML.
+
+A recipe lists tasks; a task is either an explicit chain of steps (each a degradation, a severity and
+optionally fixed parameters) or a random chain drawn from a pool. `resolve` turns a task into concrete steps
+for `synth.degradations.apply_steps`, drawing severities ("random") and random chains from the generator given,
+random chains sorted into PHYSICAL_ORDER. Bundled recipes live in synth/recipes/*.yaml:
+
+    tasks:
+      - name: dehaze
+        steps: [{degradation: haze, severity: random}]
+      - name: mixed
+        weight: 2
+        random: {pool: [haze, rain, jpeg], min_steps: 1, max_steps: 2}
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from synth.degradations import DEGRADATIONS, PHYSICAL_ORDER, SEVERITIES
+
+logger = logging.getLogger(__name__)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found, read or validated; the message names the file and the field."""
+
+
+def _check_degradation(name: str) -> str:
+    if name not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {name!r}; valid: {', '.join(sorted(DEGRADATIONS))}")
+    return name
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    degradation: str
+    severity: Literal["light", "medium", "heavy", "random"] = "random"
+    params: dict[str, float | int | str] = {}
+
+    @field_validator("degradation")
+    @classmethod
+    def _degradation_known(cls, name: str) -> str:
+        return _check_degradation(name)
+
+    @field_validator("params")
+    @classmethod
+    def _params_known(cls, params: dict, info: ValidationInfo) -> dict:
+        name = info.data.get("degradation")
+        if name is None:  # the degradation itself failed validation and is reported
+            return params
+        degradation = DEGRADATIONS[name]
+        unknown = sorted(set(params) - set(degradation.param_names))
+        if unknown:
+            raise ValueError(
+                f"{name}: unknown parameter(s) {unknown}; valid parameters: {sorted(degradation.param_names)}"
+            )
+        # the sampler is the single authority on the types, choices and limits of fixed values
+        degradation.sample(np.random.default_rng(0), "medium", params)
+        return params
+
+
+class RandomChain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool: list[str] = Field(min_length=1)
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(3, ge=1)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_known(cls, pool: list[str]) -> list[str]:
+        for name in pool:
+            _check_degradation(name)
+        if len(set(pool)) != len(pool):
+            raise ValueError(f"pool lists a degradation twice: {pool}")
+        return pool
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> RandomChain:
+        if "max_steps" not in self.model_fields_set:  # the default adapts to a small pool
+            self.max_steps = min(self.max_steps, len(self.pool))
+        if self.max_steps < self.min_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below min_steps ({self.min_steps})")
+        if self.max_steps > len(self.pool):
+            raise ValueError(f"max_steps ({self.max_steps}) exceeds the pool size ({len(self.pool)})")
+        return self
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    weight: int = Field(1, ge=1)
+    steps: list[Step] | None = Field(None, min_length=1)
+    random: RandomChain | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Task:
+        if (self.steps is None) == (self.random is None):
+            raise ValueError("a task needs exactly one of 'steps' (an explicit chain) or 'random' (a random chain)")
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str
+    tasks: list[Task] = Field(min_length=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[Task]) -> list[Task]:
+        names = [task.name for task in tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+        return tasks
+
+    def resolve(self, task: Task, rng: np.random.Generator) -> list[dict]:
+        """Concrete steps {"degradation", "severity", "params"} for one sample of `task`, drawn from `rng`."""
+        if task.steps is not None:
+            chosen = [(step.degradation, step.severity, dict(step.params)) for step in task.steps]
+        else:
+            chain = task.random
+            k = int(rng.integers(chain.min_steps, chain.max_steps + 1))
+            picked = [chain.pool[i] for i in rng.choice(len(chain.pool), size=k, replace=False)]
+            chosen = [(name, "random", {}) for name in sorted(picked, key=PHYSICAL_ORDER.index)]
+        return [
+            {"degradation": name, "severity": _draw_severity(severity, rng), "params": params}
+            for name, severity, params in chosen
+        ]
+
+    def task_cycle(self) -> list[str]:
+        """Task names repeated by weight, in declaration order: the round-robin of task labels."""
+        return [task.name for task in self.tasks for _ in range(task.weight)]
+
+
+def _draw_severity(severity: str, rng: np.random.Generator) -> str:
+    return SEVERITIES[int(rng.integers(len(SEVERITIES)))] if severity == "random" else severity
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A bundled recipe by name (see `list_recipes`) or a recipe YAML file by path (a Path, or a str ending in
+    .yaml/.yml or containing a path separator). Raises RecipeError naming the file and the offending field."""
+    if _is_path(name_or_path):
+        path = Path(name_or_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe file {path}: {err}") from err
+        return _parse(text, str(path))
+    resource = _bundled_dir() / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        names = ", ".join(name for name, _ in list_recipes())
+        raise RecipeError(f"no bundled recipe {name_or_path!r}; bundled: {names} (or pass a path to a .yaml file)")
+    return _parse(resource.read_text(encoding="utf-8"), f"bundled recipe {name_or_path}.yaml")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every bundled recipe, sorted by name."""
+    entries = []
+    for resource in _bundled_dir().iterdir():
+        if resource.name.endswith(".yaml"):
+            recipe = _parse(resource.read_text(encoding="utf-8"), f"bundled recipe {resource.name}")
+            entries.append((recipe.name, recipe.description))
+    return sorted(entries)
+
+
+def _bundled_dir():
+    return resources.files("synth") / "recipes"
+
+
+def _is_path(name_or_path: str | Path) -> bool:
+    if isinstance(name_or_path, Path):
+        return True
+    return name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or "\\" in name_or_path
+
+
+def _parse(text: str, source: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping with name, description and tasks")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_describe(err, source)) from err
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for error in err.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {field}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""The synthesis driver: validate, plan, fan shards out to Ray, resume, and publish the manifest.
+
+Order of work: the config and recipe are validated and the output is checked writable before anything else;
+an output written with another config is refused (unless ``overwrite``); sources are discovered and planned;
+shards with a state record are skipped, partial files are removed, and the rest run as one Ray task each
+(retried on worker failure). The manifest is written last, atomically: a directory with ``manifest.json`` is
+complete. Adding sources to an existing dataset plans only the new samples, in new shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from synth.config import SynthConfig
+from synth.plan import ShardSpec, expand, make_shards
+from synth.recipes import Recipe, load_recipe
+from synth.sources import discover
+from synth.writer import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "clearair-shards"
+MANIFEST_VERSION = 1
+
+
+class SynthError(RuntimeError):
+    """The run cannot go on; the message says why and what to do. Finished shards stay valid for a rerun."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    num_workers: int | None = None  # concurrent shard tasks; None = all CPUs Ray offers
+    ray_address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, with the reason, if ``out`` cannot hold the dataset (read-only mount, a file in the way...)."""
+    try:
+        for sub in ("shards", "state"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        probe = out / "state" / ".write-probe"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as err:
+        raise SynthError(f"output {out} is not writable: {err.strerror or err}") from None
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_compatible(cfg: SynthConfig, out: Path, overwrite: bool) -> None:
+    """Refuse to mix configs in one output; ``overwrite`` clears it instead."""
+    previous = read_manifest(out) or _state_config(out)
+    if previous is None or previous.get("config_digest") == cfg.digest():
+        return
+    if not overwrite:
+        raise SynthError(
+            f"{out} holds a dataset made with another config (digest {previous.get('config_digest', '?')[:12]} vs "
+            f"{cfg.digest()[:12]}). Use another --out, or --overwrite to delete it and start again."
+        )
+    log.warning("overwrite: removing %s", out)
+    for sub in ("shards", "state", "manifest.json", "contact_sheet.png"):
+        target = out / sub
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _state_config(out: Path) -> dict | None:
+    path = out / "state" / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_states(out: Path) -> dict[str, dict]:
+    """State records of published shards, by shard stem; a record whose tar is missing does not count."""
+    states = {}
+    for path in sorted((out / "state").glob("*.json")):
+        if path.name in ("config.json", "plan.json"):
+            continue
+        state = json.loads(path.read_text())
+        if (out / "shards" / state["name"]).exists():
+            states[path.stem] = state
+    return states
+
+
+def remove_partials(out: Path) -> int:
+    partials = list((out / "shards").glob(".*.partial")) + list((out / "state").glob(".*.partial"))
+    for p in partials:
+        p.unlink()
+    return len(partials)
+
+
+def read_plan(out: Path) -> dict[str, dict]:
+    path = out / "state" / "plan.json"
+    return json.loads(path.read_text())["shards"] if path.exists() else {}
+
+
+def plan(cfg: SynthConfig, recipe: Recipe, out: Path, states: dict[str, dict]) -> tuple[list[ShardSpec], list[dict]]:
+    """Shards still to write, and what discovery skipped.
+
+    The first run commits its plan (``state/plan.json``) before any work; a rerun finishes exactly those shards,
+    and samples the plan does not hold yet (new sources) go into new shards appended to it.
+    """
+    found = discover(cfg.sources, cfg.demo, cfg.patch_size)
+    samples = expand(found.items, recipe.task_cycle(), cfg.variants, cfg.splits)
+    by_key = {s.key: s for s in samples}
+    committed = read_plan(out)
+    pending = []
+    for name, entry in committed.items():
+        if name in states:
+            continue
+        missing = [k for k in entry["keys"] if k not in by_key]
+        if missing:
+            raise SynthError(
+                f"shard {name} was planned with samples whose sources are gone (e.g. {missing[0]}); "
+                f"restore the sources or start again with --overwrite"
+            )
+        pending.append(ShardSpec(name, entry["split"], entry["fold"], tuple(by_key[k] for k in entry["keys"])))
+    new = make_shards(samples, cfg.samples_per_shard, cfg.max_samples, {n: e["keys"] for n, e in committed.items()})
+    if new:
+        committed |= {s.name: {"split": s.split, "fold": s.fold, "keys": [x.key for x in s.samples]} for s in new}
+        write_json_atomic(out / "state" / "plan.json", {"shards": committed})
+    return pending + new, found.skipped
+
+
+def synthesize(cfg: SynthConfig, options: RunOptions = RunOptions()) -> dict:
+    """Run (or resume, or extend) synthesis into ``cfg.out`` and return the manifest."""
+    recipe = load_recipe(cfg.recipe)
+    out = Path(cfg.out).expanduser().resolve()
+    if out.exists():
+        check_compatible(cfg, out, options.overwrite)
+    check_writable(out)
+    try:
+        return _synthesize(cfg, recipe, out, options)
+    except OSError as err:
+        if err.filename is None and not err.strerror:
+            raise
+        raise SynthError(
+            f"cannot write to {out}: {err.strerror} ({err.filename}). Finished shards are kept; "
+            f"rerun the same command to resume."
+        ) from None
+
+
+def _synthesize(cfg: SynthConfig, recipe: Recipe, out: Path, options: RunOptions) -> dict:
+    write_json_atomic(out / "state" / "config.json", {"config_digest": cfg.digest()})
+    if n := remove_partials(out):
+        log.info("removed %d partial files of an interrupted run", n)
+    states = load_states(out)
+    pending, skipped = plan(cfg, recipe, out, states)
+    log.info("%d shards done, %d to write", len(states), len(pending))
+    if pending:
+        from synth.distribute import run_shards
+
+        for state in run_shards(pending, cfg, recipe, str(out), options):
+            states[Path(state["name"]).stem] = state
+    manifest = build_manifest(cfg, recipe, states, skipped)
+    from synth.contact_sheet import write_contact_sheet
+
+    write_contact_sheet(out, manifest)
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], skipped: list[dict]) -> dict:
+    from clearair import __version__
+
+    counts: dict[str, Counter] = {k: Counter() for k in ("task", "degradation", "severity", "split")}
+    shard_skips = []
+    for s in states.values():
+        for k in ("task", "degradation", "severity"):
+            counts[k].update(s["counts"][k])
+        counts["split"][s["split"]] += s["samples"]
+        shard_skips += s["skipped"]
+    shards = [
+        {"name": s["name"], "sha256": s["sha256"], "samples": s["samples"], "split": s["split"], "fold": s["fold"]}
+        for _, s in sorted(states.items())
+    ]
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "clearair_version": __version__,
+        "config": cfg.model_dump(mode="json"),
+        "config_digest": cfg.digest(),
+        "recipe": recipe.model_dump(mode="json"),
+        "samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "folds": cfg.splits.folds,
+        "skipped": sorted(skipped + shard_skips, key=lambda s: s["path"]),
+    }
+
+
+def pin_threads() -> None:
+    """One library thread per worker process, so parallel shard tasks do not fight over cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")

@@ -1,0 +1,1 @@
+"""End-to-end pipelines, their configuration and the `clearair` command line."""
