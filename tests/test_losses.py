@@ -1,0 +1,224 @@
+"""Perceive-IR and ClearAIR losses on tiny random-init parts, offline; and the VGG16 loader."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clearair.losses import (
+    ClipAwareLoss,
+    DifficultyAdaptivePerceptualLoss,
+    LossWeights,
+    PerceiveIRLoss,
+    VGGFeatures,
+    cfe_infonce,
+    clue_reuse_loss,
+    difficulty_weights,
+    strong_photometric,
+)
+from clearair.models.perceiver import PerceiverConfig, build_perceiver, fit_prompts
+from clearair.models.pretrained import MissingWeightsError, load_vgg16_features
+
+
+def _blocky(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(size, size), mode="nearest")
+
+
+def _noisy(clean: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (clean + sigma * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def vgg() -> VGGFeatures:
+    return VGGFeatures(load_vgg16_features(None))
+
+
+@pytest.fixture(scope="module")
+def trained_perceiver():
+    """Tiny perceiver taught low = heavy noise, medium = mild noise, high = clean."""
+    torch.manual_seed(0)
+    perceiver = build_perceiver(PerceiverConfig.tiny())
+    batches = []
+    for seed in range(8):
+        clean = _blocky(8, seed)
+        images = torch.cat([_noisy(clean, 0.3, seed), _noisy(clean, 0.1, seed), clean])
+        batches.append((images, torch.arange(3).repeat_interleave(8)))
+    fit_prompts(perceiver, batches, steps=150, lr=1e-2)
+    return perceiver
+
+
+def test_clip_aware_loss_falls_as_the_image_moves_to_its_ground_truth(trained_perceiver):
+    loss = ClipAwareLoss(trained_perceiver)
+    gt = _blocky(16, seed=50)
+    lq = _noisy(gt, 0.3, seed=51)
+    values = [loss(lq + t * (gt - lq)).item() for t in (0.0, 0.5, 1.0)]
+    assert values[0] > values[1] > values[2], values
+    restored = lq.clone().requires_grad_(True)
+    loss(restored).backward()
+    assert restored.grad is not None and restored.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in trained_perceiver.parameters())
+
+
+def _features(n: int, seed: int, dim: int = 16) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_infonce_prefers_matching_positives():
+    anchor = _features(8, 0)
+    positive = F.normalize(anchor + 0.1 * _features(8, 1), dim=-1)
+    task = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    shuffled = positive[torch.tensor([3, 5, 7, 1, 0, 2, 4, 6])]
+    assert cfe_infonce(anchor, positive, task) < cfe_infonce(anchor, shuffled, task)
+
+
+def test_infonce_without_negatives_is_finite_zero():
+    anchor = _features(4, 0).requires_grad_(True)
+    loss = cfe_infonce(anchor, _features(4, 1), torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(anchor.grad).all()
+
+
+def test_infonce_matches_its_definition():
+    """Per anchor: -log e^(a.p/tau) / (e^(a.p/tau) + sum over other-task anchors and positives e^(a.f/tau))."""
+    anchor, positive = _features(5, 0), _features(5, 1)
+    task = torch.tensor([0, 0, 1, 1, 2])
+    terms = []
+    for i in range(5):
+        pos = anchor[i] @ positive[i] / 0.1
+        negatives = [f for j in range(5) if task[j] != task[i] for f in (anchor[j], positive[j])]
+        denominator = pos.exp() + sum((anchor[i] @ f / 0.1).exp() for f in negatives)
+        terms.append(-(pos.exp() / denominator).log())
+    torch.testing.assert_close(cfe_infonce(anchor, positive, task, tau=0.1), torch.stack(terms).mean())
+
+
+def test_difficulty_weights_switch_exactly_at_the_model_psnr():
+    weights = difficulty_weights(torch.tensor([25.0, 29.999, 30.0, 30.001, 40.0]), model_psnr=30.0)
+    assert weights.tolist() == [1.25, 1.25, 1.25, 0.75, 0.75]
+    custom = difficulty_weights(torch.tensor([[1.0, 3.0]]), model_psnr=2.0, hard=2.0, easy=0.5)
+    assert custom.tolist() == [[2.0, 0.5]]
+
+
+def test_vgg_taps(vgg):
+    feats = vgg(torch.rand(1, 3, 32, 32))
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]
+    assert not any(p.requires_grad for p in vgg.parameters())
+
+
+def test_dpl_is_safe_at_zero_and_falls_as_restoration_approaches_gt(vgg):
+    dpl = DifficultyAdaptivePerceptualLoss(vgg)
+    gt = _blocky(2, seed=1)
+    lq = _noisy(gt, 0.3, seed=2)
+    negatives = torch.stack([_noisy(gt, 0.1, seed=3), _noisy(gt, 0.15, seed=4)], dim=1)  # (B, 2, 3, H, W)
+    neg_weights = torch.tensor([[1.25, 0.75], [0.75, 0.75]])
+
+    same = gt.clone().requires_grad_(True)
+    at_zero = dpl(same, gt, gt, negatives=gt[:, None].clone(), neg_weights=torch.ones(2, 1))
+    at_zero.backward()
+    assert at_zero.item() == 0.0 and torch.isfinite(same.grad).all()
+
+    values = [dpl(lq + t * (gt - lq), gt, lq, negatives, neg_weights).item() for t in (0.0, 0.5, 0.9)]
+    assert values[0] > values[1] > values[2] >= 0, values
+    restored = (lq + 0.5 * (gt - lq)).requires_grad_(True)
+    dpl(restored, gt, lq).backward()  # without negatives: only the 2 |R - LQ| term below the line
+    assert torch.isfinite(restored.grad).all() and restored.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="both or neither"):
+        dpl(restored, gt, lq, negatives=negatives)
+
+
+class _MustNotRun(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("a part with weight 0 was computed")
+
+
+def test_loss_parts_with_zero_weight_are_not_computed():
+    gt = _blocky(4, seed=0)
+    lq = _noisy(gt, 0.2, seed=1)
+    restored = lq.clone().requires_grad_(True)
+    anchor, positive = _features(4, 0), _features(4, 1)
+    task = torch.tensor([0, 0, 1, 1])
+    loss = PerceiveIRLoss(LossWeights(clip=0.0, dpl=0.0), clip_loss=_MustNotRun(), dpl=_MustNotRun())
+    total, parts = loss(restored, gt, lq, anchor, positive, task)
+    assert set(parts) == {"l1", "con", "total"}
+    assert parts["total"] == pytest.approx(parts["l1"] + 0.1 * parts["con"], rel=1e-6)
+    total.backward()
+    assert restored.grad is not None
+
+    total, parts = PerceiveIRLoss(LossWeights(con=0.0))(restored, gt, lq, None, None, None)
+    assert set(parts) == {"l1", "total"}  # clip and dpl have no module, con has weight 0
+    with pytest.raises(ValueError, match="cfe_anchor"):
+        PerceiveIRLoss()(restored, gt, lq, None, None, None)
+
+
+def test_perceive_ir_loss_with_every_part(vgg, trained_perceiver):
+    gt = _blocky(2, seed=0)
+    lq = _noisy(gt, 0.3, seed=1)
+    restored = (0.5 * (gt + lq)).requires_grad_(True)
+    negatives = _noisy(gt, 0.1, seed=2)[:, None]
+    loss = PerceiveIRLoss(LossWeights(), ClipAwareLoss(trained_perceiver), DifficultyAdaptivePerceptualLoss(vgg))
+    total, parts = loss(
+        restored, gt, lq, _features(2, 0), _features(2, 1), torch.tensor([0, 1]), negatives, torch.ones(2, 1)
+    )
+    assert set(parts) == {"l1", "con", "clip", "dpl", "total"}
+    expected = parts["l1"] + 0.1 * parts["con"] + 0.05 * parts["clip"] + 0.1 * parts["dpl"]
+    assert parts["total"] == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    assert torch.isfinite(restored.grad).all()
+
+
+def test_clue_reuse_is_zero_for_identity_on_a_constant_image_and_positive_otherwise():
+    identity = lambda x: x  # noqa: E731
+    constant = torch.full((2, 3, 16, 16), 0.4) * torch.tensor([1.0, 0.5, 2.0]).view(1, 3, 1, 1)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        assert clue_reuse_loss(identity, constant, generator=g).item() == pytest.approx(0.0, abs=1e-12)
+    textured = _blocky(2, seed=0, size=16)
+    assert clue_reuse_loss(identity, textured, generator=torch.Generator().manual_seed(0)).item() > 1e-6
+
+
+def test_clue_reuse_trains_the_restorer_not_the_first_output():
+    restorer = nn.Conv2d(3, 3, 3, padding=1)
+    restored = _blocky(2, seed=0, size=16).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    loss = clue_reuse_loss(restorer, restored, gamma=0.05, generator=g)
+    loss.backward()
+    assert loss.item() > 0
+    assert restored.grad is None
+    assert restorer.weight.grad is not None and restorer.weight.grad.abs().sum() > 0
+    again = clue_reuse_loss(restorer, restored, gamma=0.05, generator=torch.Generator().manual_seed(0))
+    assert again.item() == pytest.approx(loss.item())  # same generator seed, same draws
+
+
+def test_strong_augmentation_keeps_pixels_in_place():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8, 8] = 1.0
+    y = strong_photometric(x, torch.Generator().manual_seed(0))
+    assert y[0, 0].argmax().item() == 8 * 16 + 8  # blur + contrast: no geometric move
+
+
+def test_vgg16_loader_from_files_and_missing_cache(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    features = load_vgg16_features(None)
+    state = {k: v.contiguous() for k, v in features.state_dict().items()}
+    save_file(state, str(tmp_path / "vgg.safetensors"))
+    torch.save(
+        {f"features.{k}": v for k, v in state.items()} | {"classifier.0.bias": torch.zeros(2)}, tmp_path / "v.pth"
+    )
+    for source in ("vgg.safetensors", "v.pth"):
+        loaded = load_vgg16_features(str(tmp_path / source))
+        assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+        assert not any(p.requires_grad for p in loaded.parameters())
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*torch/hub/checkpoints"):
+        load_vgg16_features("torchvision")
+    with pytest.raises(MissingWeightsError, match="absent.pth"):
+        load_vgg16_features(str(tmp_path / "absent.pth"))
