@@ -1,0 +1,287 @@
+"""The trained-model form (safetensors + config.json) and training checkpoints that load with ``weights_only``.
+
+An export directory holds exactly two files and nothing pickled:
+
+- ``model.safetensors``: the restorer's state dict (frozen pretrained parts are never inside a restorer);
+- ``config.json``: ``{"format": "clearair-model", "format_version": 1, "arch", "config", "clearair_version",
+  "weights_sha256", "extra"}``, enough to rebuild the network with :func:`clearair.models.factory.build_model`;
+  ``extra`` holds the caller's JSON fields (the priors the model needs, training provenance).
+
+Both are written under temporary names in the directory and moved into place with ``os.replace``, weights first
+and config last (an existing config is removed before new weights land), so a directory with ``config.json`` is
+complete and one without it is refused. A checkpoint is one torch file of plain types and tensors (hyperparameters
+as dicts, lists, strings and numbers), so ``torch.load(path, weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import clearair
+from clearair.models.factory import build_model, config_to_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "clearair-model"
+CHECKPOINT_FORMAT = "clearair-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_PLAIN = (str, int, float, bool, type(None))
+_MAX_LISTED = 8
+
+
+class ExportFormatError(ValueError):
+    """A model directory or checkpoint is not in our format, is incomplete, or does not match its architecture."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` is built from dicts (str keys), lists, tuples, str, numbers, bool, None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: key {k!r} is not a string")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{where} is a {type(value).__name__}; only plain types (dict, list, str, number, bool, None)")
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg
+    return config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`ExportFormatError` naming ``source`` and every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [
+        f"missing keys: {_listed(missing)}" if missing else "",
+        f"unexpected keys: {_listed(unexpected)}" if unexpected else "",
+        f"shape mismatches: {_listed(shapes)}" if shapes else "",
+    ]
+    arch = getattr(model, "arch", type(model).__name__)
+    raise ExportFormatError(
+        f"{source} does not match a {arch!r} network built from its config; " + "; ".join(p for p in parts if p)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- export / load
+
+
+def export_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as ``out_dir/model.safetensors`` + ``out_dir/config.json``; returns ``out_dir``.
+
+    Args:
+        model: a restorer with ``arch`` and a dataclass ``config`` (as :func:`build_model` makes them).
+        extra: JSON-able fields stored under config.json's ``"extra"``, e.g. the priors the model needs or
+            training provenance.
+    """
+    arch, cfg = getattr(model, "arch", None), _config_dict(model)
+    if arch is None or cfg is None:
+        raise ValueError(f"{type(model).__name__} has no 'arch' and dataclass 'config': build it with build_model")
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, config = out / WEIGHTS_NAME, out / CONFIG_NAME
+    config.unlink(missing_ok=True)  # the directory is incomplete until the new config lands
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = _tmp_name(weights)
+    try:
+        save_file(state, tmp, metadata={"format": MODEL_FORMAT, "arch": arch})
+        os.replace(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "config": cfg,
+        "clearair_version": clearair.__version__,
+        "weights_sha256": _sha256(weights),
+        "extra": extra,
+    }
+    _write_json_atomic(config, meta)
+    log.info("exported %s (%d tensors) to %s", arch, len(state), out)
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of an export directory (or the file itself), checked for format and completeness."""
+    root = Path(path)
+    if root.name == CONFIG_NAME and root.is_file():
+        root = root.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a model directory")
+    config = root / CONFIG_NAME
+    if not config.is_file():
+        raise ExportFormatError(
+            f"{root} has no {CONFIG_NAME}: not a complete ClearAIR export (an interrupted export leaves the weights "
+            f"without it); export the model again"
+        )
+    try:
+        meta = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportFormatError(f"{config} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExportFormatError(f"{config} is not a {MODEL_FORMAT!r} config (format: {found!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{config} has format_version {meta['format_version']}; this clearair reads up to {FORMAT_VERSION}"
+        )
+    for key in ("arch", "config"):
+        if key not in meta:
+            raise ExportFormatError(f"{config} lacks the {key!r} field")
+    return meta
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The network of an export directory, weights loaded, in eval mode on ``device``."""
+    meta = read_export_config(path)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ExportFormatError(f"{root} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    expected_sha = meta.get("weights_sha256")
+    if expected_sha is not None and _sha256(weights) != expected_sha:
+        raise ExportFormatError(f"{weights} does not match the checksum in {root / CONFIG_NAME} (replaced or damaged)")
+    try:
+        model = build_model(meta["arch"], config=meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportFormatError(
+            f"{root / CONFIG_NAME}: cannot build arch {meta['arch']!r} from its config: {err}"
+        ) from err
+    try:
+        state = load_file(weights)
+    except SafetensorError as err:
+        raise ExportFormatError(f"{weights} is not a readable safetensors file: {err}") from err
+    check_state_dict(model, state, str(weights))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a training checkpoint atomically: model (+ optimizer) state, step, arch/config and plain ``extra``.
+
+    The file loads with ``torch.load(path, weights_only=True)``; ``extra`` (hyperparameters, data provenance,
+    metrics) must hold plain types only, which is checked before anything is written.
+    """
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    cfg = _config_dict(model)
+    _check_plain(cfg, "model.config")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "clearair_version": clearair.__version__,
+        "arch": getattr(model, "arch", None),
+        "config": cfg,
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True`` (never unpickles code)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError for foreign or damaged files
+        raise ExportFormatError(f"{path} is not a readable weights-only checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ExportFormatError(f"{path} is not a {CHECKPOINT_FORMAT!r} file")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{path} has format_version {ckpt['format_version']}; this reads up to {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike) -> nn.Module:
+    """Rebuild the network of a checkpoint (a path or a :func:`load_checkpoint` dict) with its weights."""
+    source = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    if ckpt.get("arch") is None or ckpt.get("config") is None:
+        raise ExportFormatError(f"{source} records no arch/config: load its 'model' state into a network yourself")
+    model = build_model(ckpt["arch"], config=ckpt["config"])
+    check_state_dict(model, ckpt["model"], source)
+    model.load_state_dict(ckpt["model"])
+    return model
