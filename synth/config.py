@@ -65,10 +65,11 @@ class DemoConfig(Strict):
     crop: int = Field(128, ge=32)
 
 
-class SynthConfig(Strict):
+class SynthParams(Strict):
+    """Everything of a synthesis but where it goes: the ``synth`` section of a pipeline."""
+
     sources: list[SourceSpec] = Field(min_length=1)
     recipe: str = Field(description="A bundled recipe name (see `clearair synth --list-recipes`) or a YAML path.")
-    out: str
     mode: Literal["materialized", "on_the_fly"] = "materialized"
     seed: int = Field(0, ge=0)
     samples_per_shard: int = Field(64, ge=1)
@@ -80,17 +81,42 @@ class SynthConfig(Strict):
     splits: SplitConfig = SplitConfig()
     demo: DemoConfig = DemoConfig()
 
+
+class SynthConfig(SynthParams):
+    out: str
+
     def digest(self) -> str:
         """sha256 of everything that decides shard bytes except the source list and the output path."""
         body = self.model_dump(mode="json", exclude={"sources", "out"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Valid keys of the (nested) model that holds the field at ``loc``; None where that is not a model."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        inner = getattr(info, "annotation", None) if info else None
+        for candidate in (inner, *getattr(inner, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], origin: str) -> str:
+    """One line per bad field, naming it; unknown keys also list the valid keys at that level."""
     lines = [f"invalid configuration ({origin}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {field}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, tuple(e["loc"]))
+            msg = f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
+        lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
 
@@ -99,7 +125,7 @@ def validate_config(data: dict[str, Any], origin: str = "command line") -> Synth
     try:
         return SynthConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        raise ConfigError(format_validation_error(err, SynthConfig, origin)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SynthConfig:

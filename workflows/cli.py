@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +150,198 @@ def _regenerate(args: argparse.Namespace) -> int:
     return 0 if r.identical else 1
 
 
+def add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a pipeline: synth, crossval, perceiver, priors, train, evaluate",
+        description="Run a pipeline end to end (cached, resumable, tracked in MLflow).",
+    )
+    p.add_argument(
+        "pipeline",
+        help="a bundled pipeline (quickstart, perceive_ir_3task, perceive_ir_5task, "
+        "clearair_allweather) or a YAML path",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.fit.steps=100"
+    )
+    p.add_argument("--from", dest="start_from", metavar="STAGE", help="rerun this stage and every later one")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be cached)")
+    p.add_argument("--dry-run", action="store_true", help="print stages, cache state and resources; run nothing")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store inside the workdir)")
+    p.add_argument("--workdir", default="runs/default", help="where stage outputs are cached (default: runs/default)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from synth.config import ConfigError
+    from workflows.config import load_pipeline
+    from workflows.context import WorkdirLocked
+    from workflows.evaluation import BenchmarkError, check_benchmarks
+    from workflows.pipeline import Options, PipelineError, plan, run_pipeline
+    from workflows.tracking import TrackingUnavailable
+
+    options = Options(
+        Path(args.workdir),
+        args.tracking_uri,
+        args.ray_address,
+        args.start_from,
+        args.only,
+        args.dry_run,
+        not args.no_progress,
+    )
+    try:
+        cfg = load_pipeline(args.pipeline, _parse_set(args.set))
+        rows = plan(cfg, options)
+        if args.dry_run:
+            _print_plan(cfg, rows, options)
+            return 0
+        check_benchmarks([b.model_dump() for b in cfg.evaluate.benchmarks])
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        t0 = time.time()
+        results = run_pipeline(cfg, options, text)
+    except (ConfigError, PipelineError, WorkdirLocked, TrackingUnavailable, BenchmarkError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"pipeline {cfg.name} done in {time.time() - t0:.0f} s; workdir {options.workdir}")
+    for stage, result in results.items():
+        note = f" (skipped: {result.skipped})" if result.skipped else ""
+        print(f"  {stage:10s} {json.dumps(result.metrics)[:150]}{note}")
+    if "evaluate" in results:
+        print(Path(results["evaluate"].outputs["table_md"]).read_text())
+    return 0
+
+
+def _print_plan(cfg, rows: list[dict], options) -> None:
+    print(f"pipeline {cfg.name}: {cfg.description}\nworkdir {options.workdir}\n")
+    print(f"{'stage':10s} {'key':12s} {'cached':7s} {'action':7s} resources")
+    for r in rows:
+        action = "run" if r["runs"] else "skip"
+        print(f"{r['stage']:10s} {r['key']:12s} {'yes' if r['cached'] else 'no':7s} {action:7s} {r['resources']}")
+
+
+def add_workdir_parser(sub) -> None:
+    p = sub.add_parser("workdir", help="list or drop cached stage outputs of a workdir")
+    p.add_argument("action", choices=["list", "drop"])
+    p.add_argument("name", nargs="?", help="with drop: a stage name or stage directory prefix")
+    p.add_argument("--workdir", default="runs/default")
+
+
+def cmd_workdir(args: argparse.Namespace) -> int:
+    from workflows.context import Workdir, WorkdirLocked
+
+    wd = Workdir(args.workdir)
+    if args.action == "list":
+        for e in wd.entries():
+            print(f"{e['dir']:28s} {'complete' if e['complete'] else 'partial':9s} {e['bytes'] / 1e6:10.1f} MB")
+        return 0
+    if not args.name:
+        print("error: drop needs a stage name (e.g. train)", file=sys.stderr)
+        return 2
+    try:
+        wd.lock()
+    except WorkdirLocked as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    removed = wd.drop(args.name)
+    wd.unlock()
+    print("\n".join(f"removed {r}" for r in removed) or "nothing matched")
+    return 0
+
+
+def add_restore_parser(sub) -> None:
+    p = sub.add_parser("restore", help="restore images or folders with a trained model (tiled, any size)")
+    p.add_argument("model", help="an exported model directory (model.safetensors + config.json) or a checkpoint")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile", type=int, default=512, help="tile size (0: whole image)")
+    p.add_argument("--overlap", type=int, default=32)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from workflows.restore import RestoreError, restore_paths
+
+    try:
+        done = restore_paths(
+            Path(args.model), [Path(p) for p in args.inputs], Path(args.out), args.tile or None, args.overlap
+        )
+    except RestoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for src, dst in done:
+        print(f"{src} -> {dst}")
+    return 0
+
+
+def add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="quality tier and probabilities of images by the learned perceiver")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--prompts", required=True, help="prompts.safetensors from the perceiver stage")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from workflows.restore import RestoreError, score_paths
+
+    try:
+        rows = score_paths(Path(args.prompts), [Path(p) for p in args.inputs])
+    except RestoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path, tier, probs in rows:
+        print(f"{path}\t{tier}\t" + " ".join(f"{k}={v:.3f}" for k, v in probs.items()))
+    return 0
+
+
+def add_doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="check weights, datasets, Ray, tracking and disk for a pipeline")
+    p.add_argument("pipeline", nargs="?", default="quickstart")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--ray-address")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--workdir", default="runs/default")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from synth.config import ConfigError
+    from workflows.config import load_pipeline
+    from workflows.doctor import diagnose
+
+    try:
+        cfg = load_pipeline(args.pipeline, _parse_set(args.set))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ok = True
+    for check in diagnose(cfg, Path(args.workdir), args.tracking_uri, args.ray_address):
+        ok &= check.ok
+        print(f"[{'ok' if check.ok else 'MISSING'}] {check.what}: {check.detail}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clearair", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_synth_parser(sub)
+    for add in (
+        add_synth_parser,
+        add_run_parser,
+        add_doctor_parser,
+        add_restore_parser,
+        add_score_parser,
+        add_workdir_parser,
+    ):
+        add(sub)
     return parser
+
+
+COMMANDS = {
+    "synth": cmd_synth,
+    "run": cmd_run,
+    "doctor": cmd_doctor,
+    "restore": cmd_restore,
+    "score": cmd_score,
+    "workdir": cmd_workdir,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return {"synth": cmd_synth}[args.command](args)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Pipeline configuration, planning, cache keys, the workdir lock: fast checks without running stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from synth.config import ConfigError
+from workflows.cli import main
+from workflows.config import bundled_pipelines, load_pipeline
+from workflows.context import StageResult, Workdir, WorkdirLocked
+from workflows.pipeline import Options, PipelineError, plan, stage_keys
+from workflows.training import batch_plan
+
+TINY = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
+
+
+def test_bundled_pipelines_validate():
+    assert {"quickstart", "perceive_ir_3task", "perceive_ir_5task", "clearair_allweather"} <= set(bundled_pipelines())
+    for name in bundled_pipelines():
+        assert load_pipeline(name).name == name
+
+
+def test_unknown_key_names_field_and_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(TINY, {"train.fit.stepz": 3})
+    assert "train.fit.stepz" in str(err.value) and "steps" in str(err.value) and "global_batch" in str(err.value)
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_pipeline(TINY, {"train.loss": "l2"})
+    with pytest.raises(ConfigError, match="unknown pipeline 'nope'"):
+        load_pipeline("nope")
+
+
+def test_changed_setting_rekeys_that_stage_and_downstream_only():
+    a = stage_keys(load_pipeline(TINY))
+    b = stage_keys(load_pipeline(TINY, {"perceiver.steps": 7}))
+    assert [s for s in a if a[s] != b[s]] == ["perceiver", "priors", "train", "evaluate"]
+
+
+def test_dry_run_prints_plan_and_runs_nothing(tmp_path, capsys):
+    assert main(["run", TINY, "--dry-run", "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in ("synth", "crossval", "perceiver", "priors", "train", "evaluate"))
+    assert "2 folds x 1 worker(s)" in out and not (tmp_path / "w" / "stages").exists()
+
+
+def test_plan_marks_cached_stages_and_from(tmp_path):
+    cfg = load_pipeline(TINY)
+    wd, keys = Workdir(tmp_path), stage_keys(cfg)
+    wd.stage_dir("synth", keys["synth"]).mkdir(parents=True)
+    wd.publish(StageResult("synth", keys["synth"], {"data": "x"}))
+    rows = {r["stage"]: r for r in plan(cfg, Options(tmp_path))}
+    assert rows["synth"]["cached"] and not rows["synth"]["runs"] and rows["crossval"]["runs"]
+    rows = {r["stage"]: r for r in plan(cfg, Options(tmp_path, start_from="synth"))}
+    assert rows["synth"]["runs"]
+    with pytest.raises(PipelineError, match="unknown stage"):
+        plan(cfg, Options(tmp_path, only="bogus"))
+
+
+def test_second_run_on_a_workdir_is_refused(tmp_path):
+    first, second = Workdir(tmp_path), Workdir(tmp_path)
+    first.lock()
+    try:
+        with pytest.raises(WorkdirLocked, match="in use by clearair run pid"):
+            second.lock()
+    finally:
+        first.unlock()
+    second.lock()
+    second.unlock()
+
+
+@pytest.mark.parametrize(
+    "global_batch,workers,max_worker,expected",
+    [(8, 4, 8, (2, 1, 1.0)), (8, 1, 4, (4, 2, 1.0)), (8, 1, 8, (8, 1, 1.0)), (4, 16, 8, (1, 1, 4.0)),
+     (8, 2, 2, (2, 2, 1.0))],
+)
+def test_batch_plan_keeps_global_batch(global_batch, workers, max_worker, expected):
+    p = batch_plan(global_batch, workers, max_worker)
+    assert (p.per_worker, p.accumulation, p.lr_scale) == expected
+    if workers <= global_batch:
+        assert p.per_worker * workers * p.accumulation == global_batch
+
+
+def test_missing_benchmark_layout_fails_before_work(tmp_path, capsys):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "x.txt").write_text("no images")
+    code = main(["run", TINY, "--workdir", str(tmp_path / "w"), "--set",
+                 f"evaluate.benchmarks=[{{name: b, path: {tmp_path / 'bench'}}}]"])
+    assert code == 2 and "benchmark b" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "stages").exists()
+
+
+def test_dead_tracking_server_fails_before_work(tmp_path, capsys):
+    code = main(["run", TINY, "--workdir", str(tmp_path / "w"), "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2 and "127.0.0.1:9" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "stages").exists()

@@ -1,0 +1,174 @@
+"""Pipeline configuration: one pydantic schema per stage, loaded from YAML, overridden with ``--set a.b=c``.
+
+A pipeline file names its stages' settings; everything is validated (unknown keys list the valid ones) before
+any work starts. Bundled pipelines live in ``workflows/pipelines/*.yaml``. Runtime state (where the workdir is,
+which Ray cluster, which tracking server) is not configuration: it lives in :mod:`workflows.context`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from synth.config import ConfigError, SynthParams, format_validation_error, set_dotted
+
+STAGES = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """A restorer from the model factory: architecture, preset, and field overrides of its config."""
+
+    arch: str = "restormer"
+    preset: Literal["paper", "tiny"] = "paper"
+    config: dict[str, Any] = {}
+
+
+class Fit(Strict):
+    """How one network is trained on Ray Train: sizes, schedule and resources."""
+
+    steps: int = Field(1000, ge=1)
+    global_batch: int = Field(8, ge=1, description="Per-worker batch x workers x accumulation; kept on any GPU count.")
+    max_worker_batch: int = Field(8, ge=1, description="Largest batch one worker holds; more is accumulation.")
+    crop: int = Field(128, ge=16)
+    lr: float = Field(2e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each with use_gpu).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    val_every: int = Field(200, ge=1, description="Steps between validations and checkpoints.")
+    val_images: int = Field(16, ge=1, description="Validation images (whole, or centre crops of val_crop).")
+    val_crop: int | None = 256
+    max_failures: int = Field(
+        2, ge=0, description="Worker failures Ray Train recovers from by restoring the checkpoint."
+    )
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
+
+
+class CrossvalConfig(Strict):
+    model: ModelSpec = ModelSpec()
+    fit: Fit = Fit(steps=20000, global_batch=4, crop=128)
+    tile: int | None = Field(512, ge=32, description="Tile size for restoring held-out images (None: whole image).")
+    overlap: int = Field(32, ge=0)
+    parallel_folds: bool = True
+
+
+class PerceiverStageConfig(Strict):
+    perceiver: dict[str, Any] = Field(default_factory=dict, description="PerceiverConfig fields.")
+    preset: Literal["paper", "tiny"] = "paper"
+    steps: int = Field(100000, ge=1)
+    batch_per_tier: int = Field(8, ge=1, description="Images per tier in a batch (x3 per step).")
+    lr: float = 4e-5
+    min_lr: float = 1e-6
+    use_gpu: bool = False
+    allow_random_frozen: bool = Field(False, description="Random-init CLIP (tiny demo models only).")
+
+
+class PriorsConfig(Strict):
+    """Frozen expensive parts computed once per whole image; parts computed on random crops stay on the fly."""
+
+    enabled: bool = True
+    batch_size: int = Field(8, ge=1)
+    use_gpu: bool = False
+
+
+class TrainConfig(Strict):
+    model: ModelSpec = ModelSpec(arch="perceive_ir")
+    loss: Literal["l1", "perceive_ir", "clearair"] = "perceive_ir"
+    loss_weights: dict[str, float] = {}
+    priors: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"}, description="clearair.priors spec.")
+    vgg: str | dict[str, Any] | None = "torchvision"
+    allow_random_frozen: bool = Field(False, description="Random-init frozen parts (tiny demo models only).")
+    fit: Fit = Fit(steps=500000, global_batch=8, crop=256)
+
+
+class Benchmark(Strict):
+    name: str
+    path: str
+    layout: str = "auto"
+    noise_sigma: int | None = Field(None, description="Add seeded PromptIR noise to clean images (CBSD68).")
+
+
+class EvaluateConfig(Strict):
+    splits: list[Literal["val", "test"]] = ["test"]
+    benchmarks: list[Benchmark] = []
+    tile: int | None = 512
+    overlap: int = 32
+    max_images: int | None = Field(None, ge=1)
+    figure_crop: int = 96
+
+
+class TrackingConfig(Strict):
+    experiment: str = "clearair"
+    registered_model: str = "clearair-restorer"
+    alias: str = "champion"
+
+
+class PipelineConfig(Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    synth: SynthParams
+    crossval: CrossvalConfig = CrossvalConfig()
+    perceiver: PerceiverStageConfig = PerceiverStageConfig()
+    priors: PriorsConfig = PriorsConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.synth.splits.folds < 2:
+            raise ValueError("synth.splits.folds must be >= 2: the medium tier comes from held-out folds")
+        if self.train.loss == "perceive_ir" and self.train.model.arch not in ("perceive_ir", "nafnet_guided"):
+            raise ValueError(f"train.loss perceive_ir needs a guided model, not {self.train.model.arch!r}")
+        return self
+
+    def section_digest(self, stage: str) -> str:
+        """sha256 of one stage's settings (plus the pipeline seed): part of that stage's cache key."""
+        body = {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def bundled_pipelines() -> list[str]:
+    folder = resources.files("workflows") / "pipelines"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_pipeline(name_or_path: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """A bundled pipeline by name or a YAML file, with dotted ``overrides`` applied before validation."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read pipeline {path}: {err.strerror}") from None
+        origin = str(path)
+    elif name_or_path in bundled_pipelines():
+        text = (resources.files("workflows") / "pipelines" / f"{name_or_path}.yaml").read_text()
+        origin = f"pipeline {name_or_path}"
+    else:
+        raise ConfigError(
+            f"unknown pipeline {name_or_path!r}; bundled: {', '.join(bundled_pipelines())} (or a YAML path)"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, PipelineConfig, origin)) from None

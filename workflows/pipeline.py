@@ -1,0 +1,191 @@
+"""The pipeline: stages in order, each cached by a key of its settings and its inputs' keys, all tracked.
+
+One MLflow parent run per invocation; one nested run per stage that does work (and per cross-validation fold,
+created by the fold's own process). ``--from STAGE`` reruns a stage and everything after it; ``--only STAGE``
+runs one stage on cached inputs; ``--dry-run`` prints what would run and what is cached, and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from workflows.config import STAGES, PipelineConfig
+from workflows.context import RunContext, StageResult, Workdir
+from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
+
+log = logging.getLogger(__name__)
+
+STAGE_RUN = {
+    "synth": synth.run,
+    "crossval": crossval.run,
+    "perceiver": perceiver.run,
+    "priors": priors.run,
+    "train": train.run,
+    "evaluate": evaluate.run,
+}
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "synth": (),
+    "crossval": ("synth",),
+    "perceiver": ("crossval",),
+    "priors": ("synth", "perceiver"),
+    "train": ("synth", "crossval", "perceiver", "priors"),
+    "evaluate": ("synth", "train", "priors"),
+}
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot run as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    workdir: Path
+    tracking_uri: str | None = None
+    ray_address: str | None = None
+    start_from: str | None = None
+    only: str | None = None
+    dry_run: bool = False
+    progress: bool = True
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """Cache key of every stage: its settings' digest chained with its inputs' keys."""
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        body = cfg.section_digest(stage) + "".join(keys[d] for d in DEPENDS[stage])
+        keys[stage] = hashlib.sha256(body.encode()).hexdigest()
+    return keys
+
+
+def resources(cfg: PipelineConfig, stage: str) -> str:
+    """What a stage asks of the cluster, for --dry-run."""
+    fit = {"crossval": cfg.crossval.fit, "train": cfg.train.fit}.get(stage)
+    if fit is not None:
+        per = f"{fit.cpus_per_worker:g} CPU" + (" + 1 GPU" if fit.use_gpu else "")
+        count = f"{cfg.synth.splits.folds} folds x " if stage == "crossval" else ""
+        return f"{count}{fit.workers} worker(s) x ({per}), {fit.steps} steps, global batch {fit.global_batch}"
+    if stage == "synth":
+        return "1 CPU per shard task, all CPUs of the cluster"
+    if stage == "perceiver":
+        return f"1 task ({'1 GPU' if cfg.perceiver.use_gpu else '1 CPU'}), {cfg.perceiver.steps} steps"
+    if stage == "priors":
+        return f"batch inference ({'GPU' if cfg.priors.use_gpu else 'CPU'})"
+    return "1 task (CPU)"
+
+
+def selected(options: Options) -> tuple[list[str], set[str]]:
+    """(stages to visit, stages forced to rerun)."""
+    for name in (options.start_from, options.only):
+        if name is not None and name not in STAGES:
+            raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if options.only:
+        return [options.only], {options.only}
+    if options.start_from:
+        return list(STAGES), set(STAGES[STAGES.index(options.start_from) :])
+    return list(STAGES), set()
+
+
+def plan(cfg: PipelineConfig, options: Options) -> list[dict]:
+    """One row per stage: key, cached or not, whether it will run, resources."""
+    workdir, keys = Workdir(options.workdir), stage_keys(cfg)
+    visit, forced = selected(options)
+    rows = []
+    for stage in STAGES:
+        cached = workdir.cached(stage, keys[stage]) is not None
+        runs = stage in visit and (stage in forced or not cached)
+        rows.append(
+            {
+                "stage": stage,
+                "key": keys[stage][:12],
+                "cached": cached,
+                "runs": runs,
+                "resources": resources(cfg, stage),
+            }
+        )
+    return rows
+
+
+def _inputs(stage: str, workdir: Workdir, keys: dict[str, str], done: dict[str, StageResult]) -> dict[str, StageResult]:
+    inputs = {}
+    for dep in DEPENDS[stage]:
+        result = done.get(dep) or workdir.cached(dep, keys[dep])
+        if result is None:
+            raise PipelineError(
+                f"stage {stage} needs the output of {dep}, which is not in {workdir.root}: "
+                f"run without --only (or --from {dep}) first"
+            )
+        inputs[dep] = result
+    return inputs
+
+
+def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dict[str, StageResult]:
+    """Run the pipeline; returns every stage's result (cached or new)."""
+    from workflows.tracking import Tracker, check_tracking, default_tracking_uri, run_tags
+
+    workdir, keys = Workdir(options.workdir), stage_keys(cfg)
+    visit, forced = selected(options)
+    uri = options.tracking_uri or default_tracking_uri(workdir.root)
+    check_tracking(uri)
+    workdir.lock()
+    try:
+        tracker = Tracker(uri, cfg.tracking.experiment, str(workdir.root / "mlartifacts"))
+        ctx = RunContext(
+            workdir,
+            uri,
+            cfg.tracking.experiment,
+            ray_address=options.ray_address,
+            tracker=tracker,
+            progress=options.progress,
+        )
+        parent = tracker.start_run(f"{cfg.name}", tags={**run_tags(), "clearair.pipeline": cfg.name})
+        ctx.parent_run_id = parent
+        tracker.log_params(parent, cfg.model_dump(mode="json"))
+        tracker.log_text(parent, config_text, "pipeline.yaml")
+        try:
+            done = _run_stages(cfg, ctx, workdir, keys, visit, forced)
+        except BaseException:
+            tracker.end_run(parent, "FAILED")
+            raise
+        tracker.end_run(parent, "FINISHED")
+        return done
+    finally:
+        workdir.unlock()
+
+
+def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> dict[str, StageResult]:
+    done: dict[str, StageResult] = {}
+    tracker = ctx.tracker
+    for stage in visit:
+        cached = workdir.cached(stage, keys[stage])
+        if cached is not None and stage not in forced:
+            log.info("%s: cached (%s)", stage, workdir.stage_dir(stage, keys[stage]).name)
+            done[stage] = cached
+            continue
+        inputs = _inputs(stage, workdir, keys, done)
+        out = workdir.stage_dir(stage, keys[stage])
+        out.mkdir(parents=True, exist_ok=True)
+        run_id = tracker.start_run(
+            stage, parent_run_id=ctx.parent_run_id, tags={"clearair.stage": stage, "clearair.stage_key": keys[stage]}
+        )
+        tracker.log_params(run_id, {stage: getattr(cfg, stage).model_dump(mode="json")})
+        stage_ctx = replace(ctx, stage=stage, key=keys[stage], out=out, run_id=run_id)
+        try:
+            result = STAGE_RUN[stage](cfg, stage_ctx, inputs)
+        except BaseException:
+            tracker.flush()
+            tracker.end_run(run_id, "FAILED")
+            raise
+        workdir.publish(result)
+        tracker.log_dict(run_id, result.to_json(), "result.json")
+        tracker.flush()
+        tracker.end_run(run_id, "FINISHED")
+        done[stage] = result
+    return done
+
+
+def summary(results: dict[str, StageResult]) -> str:
+    return json.dumps({s: r.metrics for s, r in results.items()}, indent=1)

@@ -1,0 +1,31 @@
+"""Small helpers the stages share: digests, Ray start-up, running a function as a Ray task."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from workflows.context import RunContext
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ray_ready(ctx: RunContext) -> None:
+    """Join the cluster of ``--ray-address`` or start a local Ray (dashboard on 127.0.0.1), once per process."""
+    from synth.distribute import ensure_ray
+
+    ensure_ray(ctx.ray_address)
+
+
+def remote_call(fn, *args: Any, num_cpus: float = 1, num_gpus: float = 0, **kwargs: Any) -> Any:
+    """Run ``fn`` as one Ray task (on whatever node has the resources) and return its value."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(fn).remote(*args, **kwargs))

@@ -1,0 +1,38 @@
+"""Stage 1: synthesise the dataset's shards (resumes inside its own output like ``clearair synth``)."""
+
+from __future__ import annotations
+
+from workflows.config import PipelineConfig
+from workflows.context import RunContext, StageResult
+from workflows.stages.common import file_digest, ray_ready
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    from synth.config import SynthConfig
+    from synth.run import RunOptions, synthesize
+
+    data = ctx.out / "data"
+    ray_ready(ctx)
+    synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=str(data))
+    manifest = synthesize(synth_cfg, RunOptions(ray_address=ctx.ray_address, progress=ctx.progress))
+    digest = file_digest(data / "manifest.json")
+    tracker = ctx.tracker
+    tracker.log_dataset(
+        ctx.run_id,
+        "synth",
+        digest,
+        str(data),
+        "training",
+        {"samples": manifest["samples"], "shards": len(manifest["shards"])},
+    )
+    tracker.log_artifact(ctx.run_id, data / "manifest.json")
+    if (data / "contact_sheet.png").exists():
+        tracker.log_artifact(ctx.run_id, data / "contact_sheet.png")
+    splits = manifest["counts"]["split"]
+    metrics = {
+        "samples": manifest["samples"],
+        "skipped": len(manifest["skipped"]),
+        **{f"samples_{k}": v for k, v in splits.items()},
+    }
+    tracker.log_metrics(ctx.run_id, metrics, step=0)
+    return ctx.result({"data": str(data), "manifest_sha256": digest}, metrics)

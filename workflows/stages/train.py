@@ -1,0 +1,89 @@
+"""Stage 5: train the restorer (Perceive-IR with its quality-aware loss, ClearAIR, or plain L1) on Ray Train.
+
+Perceive-IR trains on the tier shards, whose medium tier gives the difficulty-adaptive loss its negatives, with
+the learned prompts frozen for the CLIP-aware loss. The best checkpoint by validation PSNR is exported as
+safetensors + config (with the priors it needs and its provenance) and registered in MLflow under an alias.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from workflows.config import PipelineConfig
+from workflows.context import RunContext, StageResult
+from workflows.stages.common import ray_ready
+
+
+def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
+    t = cfg.train
+    perceiver = None
+    if t.loss == "perceive_ir" or t.priors.get("kind") == "clearair":
+        p = inputs["perceiver"].outputs
+        perceiver = {"config": json.loads(p["perceiver_config"]), "prompts": p["prompts"]}
+    return {
+        "arch": t.model.arch,
+        "model_config": dict(t.model.config),
+        "preset": t.model.preset,
+        "loss": t.loss,
+        "loss_weights": dict(t.loss_weights),
+        "priors": dict(t.priors),
+        "perceiver": perceiver,
+        "vgg": t.vgg,
+        "allow_random_frozen": t.allow_random_frozen,
+        "lr": t.fit.lr,
+        "min_lr": t.fit.min_lr,
+        "weight_decay": t.fit.weight_decay,
+        "max_steps": t.fit.steps,
+    }
+
+
+def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
+    from synth.read import shard_paths
+
+    data = Path(inputs["synth"].outputs["data"])
+    tasks = sorted(json.loads((data / "manifest.json").read_text())["counts"]["task"])
+    if cfg.train.loss == "perceive_ir":
+        tiers = Path(inputs["crossval"].outputs["tiers"])
+        names = [s["name"] for s in json.loads((tiers / "manifest.json").read_text())["shards"] if s["samples"]]
+        train, with_tiers = [str(tiers / n) for n in names], True
+    else:
+        train, with_tiers = shard_paths(data, "train"), False
+    return {"train": train, "val": shard_paths(data, "val"), "tasks": tasks, "tiers": with_tiers}
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    from clearair.export import export_model
+    from workflows.training import fit_restorer, restorer_from_checkpoint
+
+    module, data = module_args(cfg, inputs), training_data(cfg, inputs)
+    ray_ready(ctx)
+    fit = fit_restorer("train", ctx.out / "ray", module, data, cfg.train.fit.model_dump(), cfg.seed, ctx.tracking())
+    model = restorer_from_checkpoint(fit["checkpoint"])
+    extra = {
+        "priors": module["priors"],
+        "perceiver": module["perceiver"],
+        "pipeline": cfg.name,
+        "allow_random_frozen": cfg.train.allow_random_frozen,
+        "trained": {"val_psnr": fit["val_psnr"], "step": fit["step"], "batch_plan": fit["batch_plan"]},
+    }
+    export = export_model(model, ctx.out / "model", extra=extra)
+    tracker = ctx.tracker
+    if data["tiers"]:
+        tracker.log_dataset(
+            ctx.run_id,
+            "tiers",
+            inputs["crossval"].outputs["tiers_sha256"],
+            inputs["crossval"].outputs["tiers"],
+            "training",
+        )
+    tracker.log_dataset(
+        ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "validation"
+    )
+    version = tracker.register_model(ctx.run_id, Path(export), cfg.tracking.registered_model, cfg.tracking.alias)
+    metrics = {"best_val_psnr": fit["val_psnr"], "best_step": fit["step"]}
+    tracker.log_metrics(ctx.run_id, metrics, step=cfg.train.fit.steps)
+    return ctx.result(
+        {"model": str(export), "checkpoint": fit["checkpoint"], "registered_version": str(version)}, metrics
+    )

@@ -1,0 +1,183 @@
+"""Lightning inside Ray Train: one function trains any restorer on shards, resumably, on any worker count.
+
+``fit_restorer`` builds a ``TorchTrainer`` whose workers run a native Lightning loop with Ray's DDP strategy.
+Checkpoints are reported every ``val_every`` steps (one "epoch" of the step-based loader) with the validation
+PSNR, the best ones kept; rebuilding the trainer with the same run name and storage path resumes from the last
+checkpoint (Ray Train V2), with the same global step. A pipeline states its global batch; :func:`batch_plan`
+keeps it on any worker count by per-worker batch and accumulation, and scales the learning rate (linearly) only
+when there are more workers than samples in the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    per_worker: int
+    accumulation: int
+    lr_scale: float
+    note: str
+
+
+def batch_plan(global_batch: int, workers: int, max_worker_batch: int) -> BatchPlan:
+    """Per-worker batch x workers x accumulation = global batch, or the nearest with more workers than samples."""
+    if workers >= global_batch:
+        scale = workers / global_batch
+        note = "" if scale == 1 else f"{workers} workers > global batch {global_batch}: lr scaled x{scale:g}"
+        return BatchPlan(1, 1, scale, note)
+    for accumulation in range(1, global_batch + 1):
+        per, rest = divmod(global_batch, workers * accumulation)
+        if rest == 0 and per <= max_worker_batch:
+            return BatchPlan(per, accumulation, 1.0, "")
+    per = min(max_worker_batch, math.ceil(global_batch / workers))
+    accumulation = max(1, round(global_batch / (per * workers)))
+    effective = per * workers * accumulation
+    return BatchPlan(per, accumulation, 1.0, f"global batch {global_batch} not divisible; using {effective}")
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import lightning.pytorch as L
+    import ray.train
+    import torch
+    from clearair.data import TaskIndex, restoration_loader
+    from clearair.lightning import RestorerModule
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+
+    from workflows.validation import validation_loader
+
+    torch.manual_seed(config["seed"])
+    data, fit = config["data"], config["fit"]
+    rank = ray.train.get_context().get_world_rank()
+    module = RestorerModule(**config["module"])
+    tasks = TaskIndex(data["tasks"])
+    train = restoration_loader(
+        data["train"],
+        fit["crop"],
+        config["per_worker"],
+        tasks,
+        num_workers=fit["data_workers"],
+        seed=config["seed"],
+        two_crops=True,
+        tiers=data.get("tiers", False),
+        steps_per_epoch=fit["val_every"] * config["accumulation"],
+    )
+    val = validation_loader(data["val"], fit["val_images"], fit["val_crop"])
+    callbacks = [RayTrainReportCallback()]
+    if rank == 0 and config.get("tracking"):
+        from workflows.tracking import MetricsCallback, Tracker
+
+        tr = config["tracking"]
+        callbacks.append(MetricsCallback(Tracker(tr["uri"], tr["experiment"], tr.get("artifact_root")), tr["run_id"]))
+    trainer = L.Trainer(
+        max_steps=fit["steps"],
+        max_epochs=-1,
+        accelerator="gpu" if fit["use_gpu"] else "cpu",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=callbacks,
+        precision=fit["precision"],
+        accumulate_grad_batches=config["accumulation"],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="clearair-train-"),
+        log_every_n_steps=10,
+    )
+    trainer = prepare_trainer(trainer)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.fit(module, train, val)
+        return
+    with checkpoint.as_directory() as d:
+        trainer.fit(module, train, val, ckpt_path=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME))
+
+
+def fit_restorer(
+    name: str,
+    storage: Path,
+    module: dict[str, Any],
+    data: dict[str, Any],
+    fit: dict[str, Any],
+    seed: int,
+    tracking: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) one restorer with Ray Train; returns the best checkpoint's local copy and its metrics.
+
+    Args:
+        name: the Ray Train run name; the same name and storage resume an interrupted run.
+        storage: Ray Train ``storage_path`` (a local or shared directory).
+        module: keyword arguments of ``clearair.lightning.RestorerModule`` (plain types).
+        data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``.
+        fit: a ``workflows.config.Fit`` as a dict.
+        tracking: ``{"uri", "experiment", "run_id"}`` of the MLflow run that rank 0 logs metrics to.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = batch_plan(fit["global_batch"], fit["workers"], fit["max_worker_batch"])
+    module = {**module, "lr": module["lr"] * plan.lr_scale}
+    if plan.note:
+        log.warning("%s: %s", name, plan.note)
+    config = {
+        "module": module,
+        "data": data,
+        "fit": fit,
+        "seed": seed,
+        "tracking": tracking,
+        "per_worker": plan.per_worker,
+        "accumulation": plan.accumulation,
+    }
+    resources = {"CPU": fit["cpus_per_worker"], **({"GPU": 1} if fit["use_gpu"] else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=fit["workers"], use_gpu=fit["use_gpu"], resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val/psnr", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=fit["max_failures"]),
+        ),
+    )
+    result = trainer.fit()
+    best, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/psnr", float("-inf")))
+    local = storage / f"{name}-best.ckpt"
+    with best.as_directory() as d:
+        shutil.copyfile(Path(d) / "checkpoint.ckpt", local)
+    return {
+        "checkpoint": str(local),
+        "val_psnr": float(metrics.get("val/psnr", float("nan"))),
+        "step": int(metrics.get("step", 0)),
+        "batch_plan": plan.__dict__,
+    }
+
+
+def restorer_from_checkpoint(path: str | Path):
+    """The trained restorer (eval mode) of a RestorerModule checkpoint, loaded with ``weights_only=True``."""
+    import torch
+
+    from clearair.models.factory import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    model = build_model(hp["arch"], hp["model_config"], hp["preset"])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval()
