@@ -341,7 +341,7 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     if data.ndim != 3 or data.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {data.shape}")
     scale = 255.0 if data.dtype == np.uint8 else 1.0
-    t = torch.from_numpy(np.ascontiguousarray(data)).float() / scale  # (H, W, 3)
+    t = torch.tensor(data, dtype=torch.float32) / scale  # (H, W, 3), a copy: PIL-backed arrays are read-only
     return t.permute(2, 0, 1).contiguous()  # (3, H, W)
 
 

@@ -16,6 +16,18 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run several times faster on one thread, and far faster than on two while Ray workers share
+    the two cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray with 2 CPUs, shared by every test that needs one (starting Ray costs seconds)."""

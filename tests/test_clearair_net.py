@@ -21,15 +21,6 @@ from clearair.models.clearair_net import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _priors(cfg: ClearAIRConfig, b: int, mask_size: tuple[int, int] = (8, 8), seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, cfg.n_regions, (b, *mask_size), generator=g)

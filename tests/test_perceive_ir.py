@@ -27,13 +27,6 @@ TINY_DINO = {
 GUIDED = [PerceiveIR, GuidedNAFNet]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run several times faster on one thread, more so on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(model_cls):

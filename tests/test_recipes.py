@@ -14,7 +14,7 @@ from skimage import data  # noqa: E402
 from synth.degradations import DEGRADATIONS, PHYSICAL_ORDER, SEVERITIES, Context, apply_steps  # noqa: E402
 from synth.recipes import Recipe, RecipeError, Task, list_recipes, load_recipe  # noqa: E402
 
-BUNDLED = ["3task", "5task", "allweather", "cdd11", "mixed"]
+BUNDLED = ["3task", "5task", "allweather", "cdd11", "denoise", "mixed"]
 CDD11 = ["l", "h", "r", "s", "l_h", "l_r", "l_s", "h_r", "h_s", "l_h_r", "l_h_s"]
 
 
@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
     return path
 
 
-def test_list_recipes_lists_the_five_bundled_ones():
+def test_list_recipes_lists_every_bundled_one():
     listed = list_recipes()
     assert [name for name, _ in listed] == BUNDLED
     assert all(description.strip() for _, description in listed)

@@ -14,9 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from synth.sources import sha256_file
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
-from workflows.stages.common import file_digest, ray_ready
+from workflows.stages.common import ray_ready
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     tiers = ctx.out / "tiers"
     manifest_out = tier_manifest(records, inputs["synth"].outputs["manifest_sha256"])
     (tiers / "manifest.json").write_text(json.dumps(manifest_out, indent=1, sort_keys=True))
-    digest = file_digest(tiers / "manifest.json")
+    digest = sha256_file(tiers / "manifest.json")
     tracker = ctx.tracker
     tracker.log_dataset(
         ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "training"

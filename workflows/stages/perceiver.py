@@ -48,7 +48,7 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
     size = job["perceiver"]["image_size"]
     batch = -(-job["batch"] // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
     train = tier_loader(job["train"], batch, size, tasks, seed=job["seed"])
-    val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0)
+    val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0, balanced=False)
     trainer = L.Trainer(
         max_steps=job["steps"],
         max_epochs=-1,

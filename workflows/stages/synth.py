@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from synth.sources import sha256_file
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
-from workflows.stages.common import file_digest, ray_ready
+from workflows.stages.common import ray_ready
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
@@ -15,7 +16,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     ray_ready(ctx)
     synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=str(data))
     manifest = synthesize(synth_cfg, RunOptions(ray_address=ctx.ray_address, progress=ctx.progress))
-    digest = file_digest(data / "manifest.json")
+    digest = sha256_file(data / "manifest.json")
     tracker = ctx.tracker
     tracker.log_dataset(
         ctx.run_id,

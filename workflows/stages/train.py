@@ -16,20 +16,31 @@ from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
 
 
+def learned_perceiver(inputs: dict[str, StageResult]) -> dict[str, Any]:
+    """The perceiver the previous stage learned: its config and its prompts file."""
+    p = inputs["perceiver"].outputs
+    return {"config": json.loads(p["perceiver_config"]), "prompts": p["prompts"]}
+
+
+def resolved_priors(spec: dict[str, Any], inputs: dict[str, StageResult]) -> dict[str, Any]:
+    """ClearAIR's default assessor is the learned perceiver: fill in its config and prompts unless given."""
+    spec = dict(spec)
+    assessor = dict(spec.get("assessor") or {})
+    if spec.get("kind") == "clearair" and assessor.get("kind") == "perceiver" and "config" not in assessor:
+        spec["assessor"] = {**assessor, **learned_perceiver(inputs)}
+    return spec
+
+
 def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
     t = cfg.train
-    perceiver = None
-    if t.loss == "perceive_ir" or t.priors.get("kind") == "clearair":
-        p = inputs["perceiver"].outputs
-        perceiver = {"config": json.loads(p["perceiver_config"]), "prompts": p["prompts"]}
     return {
         "arch": t.model.arch,
         "model_config": dict(t.model.config),
         "preset": t.model.preset,
         "loss": t.loss,
         "loss_weights": dict(t.loss_weights),
-        "priors": dict(t.priors),
-        "perceiver": perceiver,
+        "priors": resolved_priors(t.priors, inputs),
+        "perceiver": learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
         "vgg": t.vgg,
         "allow_random_frozen": t.allow_random_frozen,
         "lr": t.fit.lr,

@@ -1,0 +1,597 @@
+"""Shards -> batches: random crops for the restorer, tier images for the perceiver, whole images for evaluation.
+
+Two shard formats are read, both under :mod:`synth.read`'s safety rules (only PNG, JSON and pickle-free NPY
+members are decoded; any other member raises :class:`synth.read.ShardFormatError`):
+
+- *synth shards*: ``KEY.gt.png``, ``KEY.lq.png`` (absent for on-the-fly samples), ``KEY.json``, ``KEY.depth.npy``;
+- *tier shards* (cross-validation output): ``KEY.low.png`` (the degraded input), ``KEY.medium.png`` (its
+  restoration by a restorer that never saw it), ``KEY.high.png`` (ground truth), ``KEY.json`` with ``task`` and
+  ``psnr``/``ssim`` of the low and medium tiers. Decoded samples use the synth names: ``lq`` = low,
+  ``gt`` = high, plus ``medium``.
+
+Either may carry precomputed priors as ``KEY.prior.<name>.npy`` members (name in ``[a-z0-9_]``). A prior with
+three dimensions ``(M, h, w)`` is a map over the whole image (e.g. region masks): it is cropped with the image
+window (nearest sampling) to ``crop // PRIOR_MAP_STRIDE`` a side and flipped with it. Any other prior is
+image-level (``(D,)``, ``(4, D)``) and passed through. Batches carry them as ``"prior.<name>"``
+(see :func:`clearair.priors.load_priors_from_batch`).
+
+Distribution: a loader's dataset splits the shard list by rank (read in the main process from
+``torch.distributed`` or ``RANK``/``WORLD_SIZE``), then by DataLoader worker, so every sample is read once per
+epoch across all ranks and workers. Ranks may then see different numbers of batches: for DDP use
+``steps_per_epoch``, which resamples shards with replacement (seeded by rank, worker, epoch) and gives every rank
+exactly that many batches. Each pass over a loader is the next epoch (new crops, shard order and on-the-fly
+degradations); :meth:`ShardLoader.set_epoch` sets the next pass's epoch, e.g. when resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from synth.imageio import decode_png
+from synth.read import ShardFormatError, decode_sample, ensure_lq, to_tensor
+
+log = logging.getLogger(__name__)
+
+TIERS = ("low", "medium", "high")  # label 0, 1, 2 (clearair.models.perceiver.TIERS)
+TIER_MEMBERS = ("low.png", "medium.png", "high.png", "json")
+PRIOR_MEMBER = re.compile(r"prior\.([a-z0-9_]+)\.npy")
+PRIOR_MAP_STRIDE = 4
+EMPTY_SHARD_LIMIT = 64  # consecutive resampled shards without a sample before giving up
+
+
+class TaskIndex:
+    """A stable task name <-> integer mapping: ids follow the sorted names, whatever order they came in."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names: tuple[str, ...] = tuple(sorted(set(names)))
+        if not self.names:
+            raise ValueError("TaskIndex needs at least one task name")
+        self._ids = {name: i for i, name in enumerate(self.names)}
+
+    def index(self, name: str) -> int:
+        if name not in self._ids:
+            raise ValueError(f"task {name!r} is not one of the training tasks {list(self.names)}")
+        return self._ids[name]
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskIndex) and other.names == self.names
+
+    def __repr__(self) -> str:
+        return f"TaskIndex({list(self.names)})"
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def decode_tier_sample(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
+    """A raw tier sample as ``{"key", "lq" (low), "medium", "gt" (high), "meta"}`` arrays, or ShardFormatError."""
+    key = raw.get("__key__", "?")
+    out: dict[str, Any] = {}
+    for name, data in raw.items():
+        if name.startswith("__"):
+            continue
+        if name not in TIER_MEMBERS:
+            raise ShardFormatError(f"shard {origin}: sample {key} has member {name!r}; tier shards hold {TIER_MEMBERS}")
+        out[name] = json.loads(data) if name == "json" else decode_png(data)
+    missing = [m for m in TIER_MEMBERS if m not in out]
+    if missing:
+        raise ShardFormatError(f"shard {origin}: tier sample {key} lacks {missing}")
+    shapes = {out[m].shape for m in TIER_MEMBERS[:3]}
+    if len(shapes) != 1:
+        raise ShardFormatError(f"shard {origin}: tier sample {key} has tiers of different sizes {sorted(shapes)}")
+    return {"key": key, "lq": out["low.png"], "medium": out["medium.png"], "gt": out["high.png"], "meta": out["json"]}
+
+
+def _decode_priors(raw: dict[str, Any], origin: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Split ``prior.<name>.npy`` members off a raw sample and load them (float32, never unpickling)."""
+    priors, rest = {}, {}
+    for name, data in raw.items():
+        if not name.startswith("prior."):
+            rest[name] = data
+            continue
+        match = PRIOR_MEMBER.fullmatch(name)
+        if match is None:
+            raise ShardFormatError(f"shard {origin}: member {name!r} is not a prior.<name>.npy array")
+        priors[match.group(1)] = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    return priors, rest
+
+
+def decode(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
+    """Decode a raw sample of either format; precomputed priors go to ``sample["priors"]`` (maybe empty)."""
+    priors, rest = _decode_priors(raw, origin)
+    is_tier = any(m in rest for m in TIER_MEMBERS[:3])
+    sample = decode_tier_sample(rest, origin) if is_tier else decode_sample(rest, origin)
+    sample["priors"] = priors
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """A square crop ``[y, y + size) x [x, x + size)`` of an image, then a horizontal flip if ``flip``."""
+
+    y: int
+    x: int
+    size: int
+    flip: bool = False
+
+    def apply(self, img: np.ndarray) -> np.ndarray:
+        out = img[self.y : self.y + self.size, self.x : self.x + self.size]
+        return np.ascontiguousarray(out[:, ::-1] if self.flip else out)
+
+
+def random_windows(h: int, w: int, size: int, rng: np.random.Generator, n: int = 1) -> list[Window]:
+    """``n`` independent random windows of ``size`` with random flips; ShardFormatError if the image is smaller."""
+    if h < size or w < size:
+        raise ShardFormatError(f"image {w}x{h} is smaller than the crop size {size}")
+    windows = []
+    for _ in range(n):
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        windows.append(Window(y, x, size, bool(rng.random() < 0.5)))
+    return windows
+
+
+def center_window(h: int, w: int, size: int) -> Window:
+    """The centred window of ``size`` (no flip)."""
+    if h < size or w < size:
+        raise ShardFormatError(f"image {w}x{h} is smaller than the crop size {size}")
+    return Window((h - size) // 2, (w - size) // 2, size)
+
+
+def crop_prior(prior: np.ndarray, window: Window, image_hw: tuple[int, int], out_size: int) -> np.ndarray:
+    """A ``(M, h, w)`` map over the whole image cut to ``window`` and sampled to ``(M, out_size, out_size)``
+    (nearest, so binary masks stay binary); other priors are image-level and returned unchanged."""
+    if prior.ndim != 3:
+        return prior
+    (big_h, big_w), (h, w) = image_hw, prior.shape[1:]
+    centres = (np.arange(out_size) + 0.5) * window.size / out_size  # window pixels
+    rows = np.clip(((window.y + centres) * h / big_h).astype(int), 0, h - 1)
+    cols = np.clip(((window.x + centres) * w / big_w).astype(int), 0, w - 1)
+    out = prior[:, rows][:, :, cols]
+    return np.ascontiguousarray(out[:, :, ::-1] if window.flip else out)
+
+
+def key_seed(key: str) -> int:
+    """A 64-bit number from a sample key, stable across processes (Python's ``hash`` is not)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16)
+
+
+# ----------------------------------------------------------------------------------------------- examples & batches
+
+
+def restoration_example(
+    sample: dict[str, Any], windows: list[Window] | None, tasks: TaskIndex, tiers: bool = False
+) -> dict[str, Any]:
+    """Tensors of one sample: ``lq``/``gt`` under the first window (the whole image when ``windows`` is None),
+    ``lq2`` under the second window if any, ``medium``/``medium_psnr`` when ``tiers``, and ``prior.<name>``."""
+    first, meta = (windows[0] if windows else None), sample["meta"]
+
+    def view(img: np.ndarray) -> torch.Tensor:
+        return to_tensor(first.apply(img) if first is not None else img)
+
+    example = {
+        "lq": view(sample["lq"]),
+        "gt": view(sample["gt"]),
+        "task": tasks.index(meta["task"]),
+        "key": sample["key"],
+    }
+    if windows is not None and len(windows) > 1:
+        example["lq2"] = to_tensor(windows[1].apply(sample["lq"]))
+    if tiers:
+        if "medium" not in sample:
+            raise ShardFormatError(f"sample {sample['key']} has no medium tier: tiers=True needs tier shards")
+        example["medium"] = view(sample["medium"])[None]  # (1, 3, c, c)
+        example["medium_psnr"] = float(meta["psnr"]["medium"])
+    for name, prior in sample["priors"].items():
+        if first is not None:
+            prior = crop_prior(prior, first, sample["gt"].shape[:2], max(1, first.size // PRIOR_MAP_STRIDE))
+        example[f"prior.{name}"] = torch.from_numpy(np.ascontiguousarray(prior))
+    return example
+
+
+def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack examples into ``{"lq": (B, 3, c, c), ..., "task": LongTensor (B,), "key": list, ...}``."""
+    names = set(examples[0])
+    for ex in examples[1:]:
+        if set(ex) != names:
+            raise ShardFormatError(f"samples {examples[0]['key']} and {ex['key']} carry different members in one batch")
+    batch: dict[str, Any] = {}
+    for name in examples[0]:
+        values = [ex[name] for ex in examples]
+        if name == "key":
+            batch[name] = values
+        elif name == "task":
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        elif name == "medium_psnr":
+            batch[name] = torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)
+        else:
+            batch[name] = torch.stack(values)
+    return batch
+
+
+def tier_views(sample: dict[str, Any], image_size: int, rng: np.random.Generator, view: str) -> list[np.ndarray]:
+    """The low, medium and high images of a tier sample under one shared random view, each ``(S, S, 3)`` uint8.
+
+    ``view="crop"``: a random square of side ``min(H, W, image_size)`` at native resolution (resized up only when
+    the image is smaller); ``"resize"``: the whole image squashed to ``image_size`` (as the perceiver scores whole
+    images). Both flip horizontally at random.
+    """
+    h, w = sample["gt"].shape[:2]
+    if view == "crop":
+        window = random_windows(h, w, min(h, w, image_size), rng)[0]
+        images = [window.apply(sample[k]) for k in ("lq", "medium", "gt")]
+    elif view == "resize":
+        flip = bool(rng.random() < 0.5)
+        images = [np.ascontiguousarray(sample[k][:, ::-1] if flip else sample[k]) for k in ("lq", "medium", "gt")]
+    else:
+        raise ValueError(f"view must be 'crop' or 'resize', got {view!r}")
+    return [_resize_square(img, image_size) for img in images]
+
+
+def _resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[:2] == (size, size):
+        return img
+    shrink = img.shape[0] * img.shape[1] > size * size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def collate_tiers(groups: list[list[list[np.ndarray]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images (3B, 3, S, S), labels (3B,))`` from per-task lists of [low, medium, high] views: all low images
+    first, then medium, then high; labels 0, 1, 2."""
+    samples = [views for group in groups for views in group]
+    images = [to_tensor(views[tier]) for tier in range(len(TIERS)) for views in samples]
+    labels = torch.arange(len(TIERS)).repeat_interleave(len(samples))
+    return torch.stack(images), labels
+
+
+# ----------------------------------------------------------------------------------------------- streams
+
+
+def distributed_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: torch.distributed when initialised, else RANK/WORLD_SIZE, else 0/1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_share(total: int, worker: int, num_workers: int) -> int:
+    """How many of ``total`` items worker ``worker`` of ``num_workers`` produces (the first ones take the rest)."""
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def _mix(*values: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(values).encode()).digest()[:8], "little")
+
+
+class ShardStream(IterableDataset):
+    """Base of the shard datasets: this rank's and worker's raw samples, turned into batches by :meth:`batches`.
+
+    ``rank``, ``world_size`` and ``epoch`` are set by :class:`ShardLoader` in the main process before workers
+    start. Without ``steps_per_epoch`` the (optionally shuffled) shard list is split by rank then worker and read
+    once; with it, shards are drawn with replacement forever and each worker stops after its share of the steps.
+    """
+
+    def __init__(self, urls: list[str], seed: int, shuffle: int, steps_per_epoch: int | None) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("no shard urls given")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.urls = [str(u) for u in urls]
+        self.seed, self.shuffle, self.steps_per_epoch = seed, shuffle, steps_per_epoch
+        self.epoch, self.rank, self.world_size = 0, 0, 1
+
+    @property
+    def resampled(self) -> bool:
+        return self.steps_per_epoch is not None
+
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            raise TypeError("a shard stream without steps_per_epoch has no length")
+        return self.steps_per_epoch
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _shard_urls(self) -> Iterator[str]:
+        worker, num_workers = self._worker()
+        if self.resampled:
+            rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker))
+            while True:
+                yield rng.choice(self.urls)
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(_mix(self.seed, self.epoch)).shuffle(urls)  # same order on every rank, then split
+        mine = urls[self.rank :: self.world_size]
+        if not mine and worker == 0:
+            log.warning(
+                "rank %d of %d has no shards (%d in all): use steps_per_epoch", self.rank, self.world_size, len(urls)
+            )
+        yield from mine[worker::num_workers]
+
+    def raw_samples(self) -> Iterator[dict[str, Any]]:
+        """Raw samples (``{"__key__", "__url__", member: bytes}``) of this rank and worker, shuffled if asked."""
+        import webdataset as wds
+
+        stream = self._read_shards(wds)
+        if self.shuffle:
+            worker = self._worker()[0]
+            stream = wds.filters.shuffle(self.shuffle, seed=_mix(self.seed, self.epoch, self.rank, worker))(stream)
+        return stream
+
+    def _read_shards(self, wds) -> Iterator[dict[str, Any]]:
+        empty = 0
+        for url in self._shard_urls():
+            count = 0
+            for raw in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])):
+                count += 1
+                yield raw
+            empty = 0 if count else empty + 1
+            if self.resampled and empty >= EMPTY_SHARD_LIMIT:
+                raise ShardFormatError(f"{empty} shards drawn in a row hold no samples (e.g. {url})")
+
+    def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = self.batches(self.raw_samples())
+        if not self.resampled:
+            yield from batches
+            return
+        worker, num_workers = self._worker()
+        for _, batch in zip(range(worker_share(self.steps_per_epoch, worker, num_workers)), batches, strict=False):
+            yield batch
+
+
+class RestorationStream(ShardStream):
+    """Restoration batches (see :func:`restoration_loader`); ``crop=None`` gives whole images, one per batch."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        crop: int | None,
+        batch_size: int,
+        tasks: TaskIndex,
+        recipe=None,
+        seed: int = 0,
+        two_crops: bool = True,
+        shuffle: int = 256,
+        tiers: bool = False,
+        steps_per_epoch: int | None = None,
+        random_crops: bool = True,
+    ) -> None:
+        super().__init__(urls, seed, shuffle, steps_per_epoch)
+        if crop is None and batch_size != 1:
+            raise ValueError("whole images (crop=None) come one per batch: set batch_size=1")
+        self.crop, self.batch_size, self.tasks, self.recipe = crop, batch_size, tasks, recipe
+        self.two_crops, self.tiers, self.random_crops = two_crops, tiers, random_crops
+
+    def windows(self, sample: dict[str, Any]) -> list[Window] | None:
+        """Random windows (two with ``two_crops``), the centre window, or None for the whole image."""
+        h, w = sample["gt"].shape[:2]
+        if self.crop is None:
+            return None
+        if not self.random_crops:
+            return [center_window(h, w, self.crop)]
+        rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])
+        return random_windows(h, w, self.crop, rng, n=2 if self.two_crops else 1)
+
+    def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        pending = []
+        for item in raw:
+            sample = ensure_lq(decode(item, item.get("__url__", "?")), self.recipe, self.epoch)
+            pending.append(restoration_example(sample, self.windows(sample), self.tasks, self.tiers))
+            if len(pending) == self.batch_size:
+                yield collate_restoration(pending)
+                pending = []
+        if pending and not self.resampled:
+            yield collate_restoration(pending)
+
+
+class TierStream(ShardStream):
+    """Task-balanced prompt-learning batches from tier shards (see :func:`tier_loader`)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        image_size: int,
+        tasks: TaskIndex,
+        seed: int = 0,
+        shuffle: int = 256,
+        steps_per_epoch: int | None = None,
+        view: str = "crop",
+        buffer_cap: int = 8,
+        balanced: bool = True,
+    ) -> None:
+        super().__init__(urls, seed, shuffle, steps_per_epoch)
+        self.balanced, self.batch_size = balanced, batch_size
+        if balanced and batch_size % len(tasks):
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of tasks {len(tasks)}")
+        if view not in ("crop", "resize"):
+            raise ValueError(f"view must be 'crop' or 'resize', got {view!r}")
+        self.per_task, self.image_size, self.tasks, self.view = batch_size // len(tasks), image_size, tasks, view
+        self.cap = max(1, buffer_cap) * self.per_task
+
+    def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Round-robin buffers per task; a batch leaves as soon as every task has ``per_task`` samples.
+
+        A buffer at its cap replaces a random element, so majority tasks are subsampled instead of piling up.
+        """
+        if not self.balanced:
+            yield from self._unbalanced(raw)
+            return
+        buffers: dict[str, list] = {t: [] for t in self.tasks}
+        rng = random.Random(_mix(self.seed, self.epoch, self.rank, self._worker()[0]))
+        since_batch = 0
+        for item in raw:
+            task, views = self._views(decode(item, item.get("__url__", "?")))
+            buf = buffers[task]
+            if len(buf) < self.cap:
+                buf.append(views)
+            else:
+                buf[rng.randrange(len(buf))] = views
+            since_batch += 1
+            if all(len(b) >= self.per_task for b in buffers.values()):
+                yield collate_tiers([[b.pop(0) for _ in range(self.per_task)] for b in buffers.values()])
+                since_batch = 0
+            elif self.resampled and since_batch > 100 * self.cap * len(buffers):
+                missing = [t for t, b in buffers.items() if len(b) < self.per_task]
+                raise ValueError(f"no tier samples of task(s) {missing} in {since_batch} samples: drop them from tasks")
+        log.debug("tier stream: %d samples left after the last balanced batch", sum(map(len, buffers.values())))
+
+    def _unbalanced(self, raw: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample once, in stream order, ``batch_size`` per batch and the remainder last (evaluation)."""
+        batch: list = []
+        for item in raw:
+            batch.append(self._views(decode(item, item.get("__url__", "?")))[1])
+            if len(batch) == self.batch_size:
+                yield collate_tiers([batch])
+                batch = []
+        if batch:
+            yield collate_tiers([batch])
+
+    def _views(self, sample: dict[str, Any]) -> tuple[str, list[np.ndarray]]:
+        if "medium" not in sample:
+            raise ShardFormatError(f"sample {sample['key']} is not a tier sample (low/medium/high members)")
+        task = sample["meta"]["task"]
+        self.tasks.index(task)  # unknown task -> ValueError naming the known ones
+        rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])
+        return task, tier_views(sample, self.image_size, rng, self.view)
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` (batches are made inside the dataset, per worker).
+
+    Every ``iter()`` is one epoch: it hands the dataset the epoch, rank and world size (read here, in the main
+    process), then increments the epoch.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, epoch: int = 0) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        self.next_epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (crops, shard order, on-the-fly degradations derive from it)."""
+        self.next_epoch = epoch
+
+    def __iter__(self):
+        self.dataset.rank, self.dataset.world_size = distributed_info()
+        self.dataset.epoch = self.next_epoch
+        self.next_epoch += 1
+        return super().__iter__()
+
+
+# ----------------------------------------------------------------------------------------------- public loaders
+
+
+def restoration_loader(
+    urls: list[str],
+    crop: int,
+    batch_size: int,
+    tasks: TaskIndex,
+    num_workers: int = 0,
+    recipe=None,
+    epoch: int = 0,
+    seed: int = 0,
+    two_crops: bool = True,
+    shuffle: int = 256,
+    tiers: bool = False,
+    steps_per_epoch: int | None = None,
+) -> ShardLoader:
+    """Training batches ``{"lq", "gt": (B, 3, crop, crop), "lq2" (another crop of the same degraded image),
+    "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, 1, 3, crop, crop)`` and
+    ``"medium_psnr": (B, 1)`` with ``tiers=True`` (tier shards), plus ``"prior.<name>"`` for stored priors.
+
+    Args:
+        recipe: the synth recipe (a :class:`synth.recipes.Recipe`) for on-the-fly shards.
+        shuffle: sample shuffle buffer per worker (0 = shard order, no shuffling).
+        steps_per_epoch: resample shards and give exactly this many batches per epoch on every rank (DDP-safe);
+            None = one pass over this rank's shards, partial last batch included.
+    """
+    dataset = RestorationStream(
+        urls, crop, batch_size, tasks, recipe, seed, two_crops, shuffle, tiers, steps_per_epoch, random_crops=True
+    )
+    return ShardLoader(dataset, num_workers, epoch)
+
+
+def validation_loader(
+    urls: list[str],
+    tasks: TaskIndex,
+    crop: int | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    recipe=None,
+    tiers: bool = False,
+) -> ShardLoader:
+    """Deterministic evaluation batches in shard order: centre crops of ``crop``, or whole images (``crop=None``,
+    one per batch). Same keys as :func:`restoration_loader` without ``lq2``; split by rank like training."""
+    dataset = RestorationStream(urls, crop, batch_size, tasks, recipe, 0, False, 0, tiers, None, random_crops=False)
+    return ShardLoader(dataset, num_workers, 0)
+
+
+def tier_loader(
+    urls: list[str],
+    batch_size: int,
+    image_size: int,
+    tasks: TaskIndex,
+    num_workers: int = 0,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle: int = 256,
+    steps_per_epoch: int | None = None,
+    view: str = "crop",
+    balanced: bool = True,
+) -> ShardLoader:
+    """Prompt-learning batches ``(images (3B, 3, S, S), labels (3B,))`` from tier shards, ``S = image_size``.
+
+    ``B = batch_size`` tier samples, ``batch_size / len(tasks)`` of each task; the first B images are their low
+    tier (label 0), then medium (1), then high (2), all three under one shared random view (see
+    :func:`tier_views`). Every task in ``tasks`` must occur in the shards.
+    """
+    dataset = TierStream(urls, batch_size, image_size, tasks, seed, shuffle, steps_per_epoch, view, balanced=balanced)
+    return ShardLoader(dataset, num_workers, epoch)
+
+
+def whole_images(urls: Iterable[str], recipe=None, epoch: int = 0) -> Iterator[dict[str, Any]]:
+    """Decoded samples in shard order: ``{"key", "lq", "gt", "meta", "priors", ["medium"], ["depth"]}`` with
+    whole ``(H, W, 3)`` uint8 arrays (tier samples: lq = low, gt = high). On-the-fly LQs are synthesised at
+    ``epoch`` with ``recipe``. Not split by rank or worker."""
+    import webdataset as wds
+
+    for url in urls:
+        for raw in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": str(url)}])):
+            yield ensure_lq(decode(raw, str(url)), recipe, epoch)

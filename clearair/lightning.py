@@ -1,0 +1,409 @@
+"""Lightning modules: restorer training (plain L1, Perceive-IR, ClearAIR) and the perceiver's prompt learning.
+
+Frozen parts (the prior provider, the perceiver behind the CLIP-aware loss, VGG16) are built in ``__init__`` from
+plain config but kept out of the module tree: checkpoints hold only trainable weights and plain
+hyperparameters (``torch.load(path, weights_only=True)`` reads them), the parts are rebuilt from their sources
+when a checkpoint is loaded, and DDP neither broadcasts nor reduces them. ``_apply`` forwards device and dtype
+moves to them, so ``module.to(device)`` still moves everything.
+
+Perceive-IR's difficulty weights compare each negative's stored PSNR (``batch["medium_psnr"]``) with the model's
+PSNR on a fixed probe batch (``probe_psnr``): the first validation batch (or, when training starts before any
+validation, the first training batch), re-measured at every epoch start and averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+
+from clearair.inference import pad_to_multiple, size_multiple
+from clearair.losses import (
+    ClearAIRLossWeights,
+    ClipAwareLoss,
+    DifficultyAdaptivePerceptualLoss,
+    LossWeights,
+    PerceiveIRLoss,
+    clue_reuse_loss,
+    difficulty_weights,
+    l1_loss,
+)
+from clearair.metrics import psnr_torch
+from clearair.models.factory import build_model, config_to_dict
+from clearair.models.perceiver import TIERS, perceiver_loss
+from clearair.priors import (
+    PriorProvider,
+    build_frozen_perceiver,
+    build_priors,
+    build_vgg_features,
+    load_priors_from_batch,
+    perceiver_from_config,
+)
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("l1", "perceive_ir", "clearair")
+MAX_PSNR = 100.0  # identical images have infinite PSNR; means are taken over values capped here
+CHECKPOINT_INFO = "clearair"
+
+
+def _weights(cls: type, values: dict[str, Any] | None, loss: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values or {}) - set(names))
+    if unknown:
+        raise ValueError(f"unknown loss_weights {unknown} for loss {loss!r}; valid: {', '.join(names)}")
+    return cls(**(values or {}))
+
+
+def build_perceive_ir_loss(
+    weights: dict[str, float] | None,
+    perceiver: dict[str, Any] | None,
+    vgg: str | dict[str, Any] | None,
+    allow_random: bool = False,
+) -> PerceiveIRLoss:
+    """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built."""
+    w = _weights(LossWeights, weights, "perceive_ir")
+    if w.clip and perceiver is None:
+        raise ValueError("the CLIP-aware loss needs perceiver={'config': ..., 'prompts': ...} (or loss_weights clip=0)")
+    clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random)) if w.clip else None
+    dpl = DifficultyAdaptivePerceptualLoss(build_vgg_features(vgg, allow_random)) if w.dpl else None
+    return PerceiveIRLoss(w, clip, dpl)
+
+
+def _dihedral(x: Tensor, k: int, flip: bool) -> Tensor:
+    return torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+
+
+class AlignedRestore:
+    """``restore(view)`` for :func:`clue_reuse_loss` that moves spatial priors (``(B, M, h, w)`` region masks)
+    along with the dihedral view of ``reference`` it is given.
+
+    The first call receives an exact dihedral transform of ``reference`` (the weak view): the transform is found
+    by comparison and reused for the later (photometrically changed) views.
+    """
+
+    def __init__(self, model: nn.Module, priors: dict[str, Tensor] | None, reference: Tensor) -> None:
+        self.model, self.priors, self.reference = model, priors, reference
+        self.transform = None
+
+    def _find(self, view: Tensor) -> functools.partial:
+        for flip in (False, True):
+            for k in range(4):
+                candidate = _dihedral(self.reference, k, flip)
+                if candidate.shape == view.shape and torch.equal(candidate, view):
+                    return functools.partial(_dihedral, k=k, flip=flip)
+        raise RuntimeError("clue reuse: the first view is not a dihedral transform of the restored image")
+
+    def __call__(self, view: Tensor) -> Tensor:
+        if self.transform is None:
+            self.transform = self._find(view)
+        priors = self.priors and {k: self.transform(v) if v.ndim == 4 else v for k, v in self.priors.items()}
+        return self.model(view, priors)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily in eval mode (ClearAIR: no mask dropout), gradients untouched."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class RestorerModule(L.LightningModule):
+    """Trains a restorer from :func:`clearair.models.factory.build_model` with one of :data:`LOSSES`.
+
+    Args:
+        arch, model_config, preset: the network (see ``build_model``).
+        loss: ``"l1"``; ``"perceive_ir"`` (L1 + InfoNCE on CFE + CLIP-aware + difficulty-adaptive perceptual);
+            ``"clearair"`` (L1 + clue reuse; its two extra passes run without mask dropout, so the weak and the
+            strong view see the same region masks).
+        loss_weights: fields of :class:`LossWeights` or :class:`ClearAIRLossWeights` (empty for ``"l1"``).
+        priors: a prior-provider spec (:func:`clearair.priors.build_priors`); batches that carry ``prior.*``
+            tensors use those instead.
+        perceiver: ``{"config", "prompts"}`` of the frozen stage-1 perceiver, for the CLIP-aware loss.
+        vgg: VGG16 source for the perceptual loss (:func:`clearair.priors.build_vgg_features`).
+        allow_random_frozen: allow randomly initialised frozen parts (tiny test configs only).
+        max_steps: length of the cosine schedule from ``lr`` to ``min_lr`` (stepped every optimizer step).
+        probe_every_epoch: re-measure the probe PSNR at every epoch start (else once).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        model_config: dict[str, Any] | None = None,
+        preset: str = "paper",
+        loss: str = "l1",
+        loss_weights: dict[str, float] | None = None,
+        priors: dict[str, Any] | None = None,
+        perceiver: dict[str, Any] | None = None,
+        vgg: str | dict[str, Any] | None = None,
+        *,
+        max_steps: int,
+        allow_random_frozen: bool = False,
+        lr: float = 2e-4,
+        min_lr: float = 1e-6,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        probe_every_epoch: bool = True,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        self.save_hyperparameters()
+        self.model = build_model(arch, model_config, preset)
+        self._frozen: dict[str, nn.Module] = {}  # kept out of the module tree (see the module docstring)
+        provider = build_priors(priors, allow_random_frozen)
+        if provider is not None:
+            self._frozen["priors"] = provider
+            self._check_prior_dims(provider)
+        self.clearair_weights = _weights(ClearAIRLossWeights, loss_weights, loss) if loss == "clearair" else None
+        if loss == "perceive_ir":
+            self._frozen["loss"] = build_perceive_ir_loss(loss_weights, perceiver, vgg, allow_random_frozen)
+        elif loss == "l1" and loss_weights:
+            raise ValueError(f"loss 'l1' takes no loss_weights, got {sorted(loss_weights)}")
+        self.register_buffer("probe_psnr", torch.tensor(float("nan")))
+        self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
+        self._probe: dict[str, Tensor] | None = None
+        self._val_total: Tensor | None = None
+
+    # --- frozen parts ------------------------------------------------------------------------------------------
+
+    @property
+    def prior_provider(self) -> PriorProvider | None:
+        return self._frozen.get("priors")
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for part in getattr(self, "_frozen", {}).values():
+            part._apply(fn, recurse)
+        return self
+
+    def _check_prior_dims(self, provider: PriorProvider) -> None:
+        cfg = self.model.config
+        for name, value in provider.dims.items():
+            if hasattr(cfg, name) and getattr(cfg, name) != value:
+                raise ValueError(
+                    f"model config {name}={getattr(cfg, name)} but the prior provider gives {value}: "
+                    f"set model_config {name}: {value}"
+                )
+
+    def priors_for(self, batch: dict[str, Any]) -> dict[str, Tensor] | None:
+        """Priors stored in the batch (``prior.*``), else computed by the provider from ``batch["lq"]``, else None."""
+        stored = load_priors_from_batch(batch)
+        if stored is not None or self.prior_provider is None:
+            return stored
+        return self.prior_provider(batch["lq"])
+
+    # --- training ----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self._ensure_probe(batch)
+        loss, parts = getattr(self, f"_{self.hparams.loss}_loss")(batch)
+        n = len(batch["lq"])
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "total"}, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def _l1_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        restored = self.model(batch["lq"], self.priors_for(batch))
+        return l1_loss(restored, batch["gt"]), {}
+
+    def _perceive_ir_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        lq, priors = batch["lq"], self.priors_for(batch)
+        restored, cfe = self._forward_features(lq, priors)
+        cfe2 = self.model.cfe(batch["lq2"]) if cfe is not None and "lq2" in batch else None
+        negatives, weights = self.negatives(batch)
+        return self._frozen["loss"](restored, batch["gt"], lq, cfe, cfe2, batch["task"], negatives, weights)
+
+    def _clearair_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        w, priors = self.clearair_weights, self.priors_for(batch)
+        restored = self.model(batch["lq"], priors)
+        l1 = l1_loss(restored, batch["gt"])
+        with eval_mode(self.model):  # both views see the same (all) region masks
+            inter = clue_reuse_loss(AlignedRestore(self.model, priors, restored.detach()), restored, w.gamma)
+        return w.l1 * l1 + w.inter * inter, {"l1": float(l1.detach()), "inter": float(inter.detach())}
+
+    def _forward_features(self, lq: Tensor, priors: dict[str, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+        if hasattr(self.model, "forward_features"):
+            return self.model.forward_features(lq, priors)
+        return self.model(lq, priors), None
+
+    def negatives(self, batch: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+        """Medium-tier negatives ``(B, P, 3, c, c)`` and their difficulty weights ``(B, P)``, or ``(None, None)``."""
+        if "medium" not in batch:
+            return None, None
+        return batch["medium"], difficulty_weights(batch["medium_psnr"], self._probe_value)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.max_steps), eta_min=hp.min_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- probe -------------------------------------------------------------------------------------------------
+
+    def _keep_probe(self, batch: dict[str, Any]) -> None:
+        if self._probe is None:
+            keep = ("lq", "gt", *[k for k in batch if k.startswith("prior.")])
+            self._probe = {k: batch[k].detach().clone() for k in keep}
+
+    def _ensure_probe(self, batch: dict[str, Any]) -> None:
+        """Before the first step: fall back to this training batch as the probe when no validation ran."""
+        if math.isnan(self._probe_value):
+            self._keep_probe(batch)
+            self.measure_probe()
+
+    def _reduce_sum(self, x: Tensor) -> Tensor:
+        return self._trainer.strategy.reduce(x, reduce_op="sum") if self._trainer is not None else x
+
+    @torch.no_grad()
+    def measure_probe(self) -> float:
+        """The model's mean PSNR on the probe batch over all ranks; every rank must call it (a collective)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of PSNR, images)
+        if self._probe is not None:
+            probe = {k: v.to(self.device) for k, v in self._probe.items()}
+            with eval_mode(self.model):
+                restored = self.restore(probe["lq"], self.priors_for(probe))
+            psnr = psnr_torch(restored.float().clamp(0, 1), probe["gt"].float()).clamp(max=MAX_PSNR)
+            total += torch.stack([psnr.sum(), psnr.new_tensor(float(len(psnr)))])
+        total = self._reduce_sum(total)
+        if total[1] > 0:  # else keep the last value (nan before any probe, the stored one after a resume)
+            self._probe_value = float(total[0] / total[1])
+            self.probe_psnr.fill_(self._probe_value)
+        return self._probe_value
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.probe_every_epoch or math.isnan(self._probe_value):
+            if not math.isnan(self.measure_probe()):
+                self.log("train/probe_psnr", self._probe_value, sync_dist=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs before the weights load: keep the stored probe PSNR (a resumed run keeps its difficulty weights)."""
+        self._probe_value = float(checkpoint["state_dict"].get("probe_psnr", float("nan")))
+
+    # --- validation --------------------------------------------------------------------------------------------
+
+    def restore(self, lq: Tensor, priors: dict[str, Tensor] | None) -> Tensor:
+        """Restore images of any size: reflect-pad to the model's size multiple, run, crop back."""
+        h, w = lq.shape[-2:]
+        return self.model(pad_to_multiple(lq, size_multiple(self.model)), priors)[..., :h, :w]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_total = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._keep_probe(batch)
+        restored = self.restore(batch["lq"], self.priors_for(batch))
+        psnr = psnr_torch(restored.float().clamp(0, 1), batch["gt"].float()).clamp(max=MAX_PSNR)
+        self._val_total += torch.stack([psnr.sum(), psnr.new_tensor(float(len(psnr)))])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self._reduce_sum(self._val_total)
+        if total[1] > 0:
+            self.log("val/psnr", (total[0] / total[1]).float(), prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the architecture beside the weights (plain types), so the network rebuilds without Lightning."""
+        checkpoint[CHECKPOINT_INFO] = {"arch": self.model.arch, "config": config_to_dict(self.model.config)}
+
+
+def load_restorer(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The network of a :class:`RestorerModule` checkpoint (read with ``weights_only=True``), in eval mode."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    info = ckpt.get(CHECKPOINT_INFO) if isinstance(ckpt, dict) else None
+    if info is None:
+        raise ValueError(f"{path} is not a RestorerModule checkpoint (no {CHECKPOINT_INFO!r} record)")
+    model = build_model(info["arch"], info["config"])
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class PerceiverModule(L.LightningModule):
+    """Three-tier prompt learning (Perceive-IR stage 1): only the perceiver's prompt contexts train.
+
+    Batches are ``(images (N, 3, S, S), tier labels (N,))`` as :func:`clearair.data.tier_loader` makes them.
+    Validation logs ``val/accuracy`` (and per tier) and keeps the summed 3x3 confusion matrix (rows: true tier,
+    columns: predicted) in ``self.confusion``. The frozen CLIP is left out of checkpoints and rebuilt from
+    ``perceiver_config`` (random-init CLIPs under the fixed ``seed``).
+    """
+
+    FROZEN_PREFIX = "perceiver.clip."
+
+    def __init__(
+        self,
+        perceiver_config: dict[str, Any],
+        *,
+        max_steps: int,
+        lr: float = 4e-5,
+        min_lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        allow_random_frozen: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.perceiver = perceiver_from_config(perceiver_config, allow_random_frozen, seed)
+        self.register_buffer("confusion", torch.zeros(len(TIERS), len(TIERS), dtype=torch.long), persistent=False)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
+        state = super().state_dict(*args, **kwargs)
+        frozen = kwargs.get("prefix", "") + self.FROZEN_PREFIX
+        for key in [k for k in state if k.startswith(frozen)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accept checkpoints without the frozen CLIP: its current weights fill in."""
+        current = nn.Module.state_dict(self)
+        frozen = {k: v for k, v in current.items() if k.startswith(self.FROZEN_PREFIX) and k not in state_dict}
+        return super().load_state_dict({**frozen, **state_dict}, strict=strict, assign=assign)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = perceiver_loss(self.perceiver(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.confusion.zero_()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        predicted = self.perceiver(images).argmax(dim=-1)
+        n = len(TIERS)
+        self.confusion += torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
+
+    def on_validation_epoch_end(self) -> None:
+        confusion = self._trainer.strategy.reduce(self.confusion, reduce_op="sum") if self._trainer else self.confusion
+        self.confusion.copy_(confusion)
+        if confusion.sum() == 0:
+            return
+        metrics = {"val/accuracy": confusion.diag().sum() / confusion.sum()}
+        for i, tier in enumerate(TIERS):
+            metrics[f"val/accuracy_{tier}"] = confusion[i, i] / confusion[i].sum().clamp(min=1)
+        self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.perceiver.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.max_steps), eta_min=hp.min_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export_prompts(self, path: str | Path) -> Path:
+        """The learned prompts as safetensors (:meth:`QualityPerceiver.save_prompts`), for the frozen perceiver."""
+        return self.perceiver.save_prompts(path)

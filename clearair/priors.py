@@ -1,0 +1,276 @@
+"""Frozen parts built from plain config: prior providers, the frozen perceiver, VGG16 features.
+
+A *prior provider* turns degraded images ``(B, 3, H, W)`` in [0, 1] into the priors a restorer reads:
+
+- ``{"kind": "dino", "source": DIR | {Dinov2Config kwargs}, "image_size": 224}`` -> ``{"dino_cls"}``
+  (Perceive-IR's semantic guidance);
+- ``{"kind": "clearair", "assessor": ..., "regions": ..., "degradation": ...}`` -> ``{"quality_emb",
+  "region_masks", "degradation_emb"}`` with
+  ``assessor`` ``{"kind": "perceiver", "config": {PerceiverConfig fields}, "prompts": PATH | None}`` or
+  ``{"kind": "mllm", "source": DIR}``; ``regions`` ``{"kind": "dino_cluster", "source": ..., "n_regions": 16}`` or
+  ``{"kind": "sam2", "source": DIR}``; ``degradation`` ``{"kind": "cfe_perceiver", "cfe": EXPORT_DIR | {CFE
+  kwargs}}`` (the perceiver defaults to the assessor's) or ``{"kind": "daclip", "source": FILE}``;
+- ``{"kind": "none"}`` -> no provider (priors come precomputed in the batches, or the model needs none).
+
+Weights load offline through :mod:`clearair.models.pretrained`. A dict ``source`` (tiny random-init model), a
+perceiver with ``pretrained: None`` or without prompts, and ``vgg=None`` are refused unless ``allow_random`` is
+set; random parts are built under a fixed seed (``"seed"``, default 0), so the priors stage, the perceiver stage
+and training build the same random networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clearair.models.guidance import CFE, DINO_LAYERS, SemanticGuidance
+from clearair.models.perceiver import PerceiverConfig, QualityPerceiver, build_perceiver
+from clearair.models.pretrained import freeze, load_dinov2, load_vgg16_features
+
+log = logging.getLogger(__name__)
+
+PRIOR_PREFIX = "prior."
+
+
+class PriorProvider(nn.Module):
+    """Frozen prior computation: ``forward(lq) -> {name: float32 tensor}`` in eval mode, without gradients.
+
+    ``dims`` names the restorer config fields that must agree with this provider (e.g. ``{"dino_dim": 768}``).
+    """
+
+    names: tuple[str, ...] = ()
+    dims: dict[str, int]
+
+    def train(self, mode: bool = True) -> PriorProvider:
+        """Frozen: stays in eval mode whatever a parent asks."""
+        return super().train(False)
+
+    def compute(self, lq: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, lq: Tensor) -> dict[str, Tensor]:
+        return {k: v.float() for k, v in self.compute(lq).items()}
+
+
+class DinoPriors(PriorProvider):
+    """Perceive-IR's ``"dino_cls"`` ``(B, 4, D)`` from a frozen DINOv2 (:class:`SemanticGuidance`)."""
+
+    names = ("dino_cls",)
+
+    def __init__(self, guidance: SemanticGuidance) -> None:
+        super().__init__()
+        self.guidance = guidance
+        self.dims = {"dino_dim": guidance.dim}
+
+    def compute(self, lq: Tensor) -> dict[str, Tensor]:
+        return self.guidance(lq)
+
+
+class ClearAIRPriors(PriorProvider):
+    """ClearAIR's three priors from a quality assessor, a region source and a degradation embedder."""
+
+    names = ("quality_emb", "region_masks", "degradation_emb")
+
+    def __init__(self, assessor: nn.Module, regions: nn.Module, degrader: nn.Module) -> None:
+        super().__init__()
+        self.assessor, self.regions, self.degrader = assessor, regions, degrader
+        self.dims = {"quality_dim": assessor.dim, "degradation_dim": degrader.dim, "n_regions": regions.n_regions}
+
+    def compute(self, lq: Tensor) -> dict[str, Tensor]:
+        from clearair.models.assessors import compute_clearair_priors
+
+        return compute_clearair_priors(lq, self.assessor, self.regions, self.degrader)
+
+
+def load_priors_from_batch(batch: dict[str, Any]) -> dict[str, Tensor] | None:
+    """Precomputed priors of a batch (keys ``"prior.<name>"``) as ``{name: tensor}``, or None if it has none."""
+    priors = {k[len(PRIOR_PREFIX) :]: v for k, v in batch.items() if k.startswith(PRIOR_PREFIX)}
+    return priors or None
+
+
+# ----------------------------------------------------------------------------------------------- spec helpers
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a random initialisation under ``torch.manual_seed(seed)`` without touching the caller's CPU RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _fields(spec: Any, what: str, required: tuple[str, ...], optional: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with defaults filled in; a ValueError naming ``what`` and the valid keys for anything else."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{what} must be a dict, got {type(spec).__name__}")
+    valid = ("kind", *required, *optional)
+    unknown = sorted(set(spec) - set(valid))
+    missing = [k for k in required if k not in spec]
+    if unknown or missing:
+        raise ValueError(f"{what}: unknown keys {unknown}, missing keys {missing}; valid keys: {', '.join(valid)}")
+    return {**optional, **spec}
+
+
+def _kind(spec: Any, what: str, kinds: tuple[str, ...]) -> str:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in kinds:
+        raise ValueError(f"{what} kind {kind!r} is not one of {', '.join(kinds)}")
+    return kind
+
+
+def _refuse_random(what: str, allow_random: bool) -> None:
+    if not allow_random:
+        raise ValueError(
+            f"{what} would be randomly initialised; give a weights source, or allow random frozen parts explicitly "
+            f"(allow_random / allow_random_frozen=True) for tiny test configs"
+        )
+
+
+def _dinov2(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Module:
+    if isinstance(source, dict):
+        _refuse_random("DINOv2 (dict source)", allow_random)
+        with seeded(seed):
+            return load_dinov2(source)
+    return load_dinov2(source)
+
+
+# ----------------------------------------------------------------------------------------------- frozen parts
+
+
+def perceiver_config(config: dict[str, Any] | PerceiverConfig) -> PerceiverConfig:
+    """A :class:`PerceiverConfig` from its plain dict; unknown fields raise a ValueError listing the valid ones."""
+    if isinstance(config, PerceiverConfig):
+        return config
+    names = [f.name for f in dataclasses.fields(PerceiverConfig)]
+    unknown = sorted(set(config) - set(names))
+    if unknown:
+        raise ValueError(f"unknown perceiver config fields {unknown}; valid: {', '.join(names)}")
+    return PerceiverConfig(**config)
+
+
+def perceiver_from_config(config: dict[str, Any], allow_random: bool = False, seed: int = 0) -> QualityPerceiver:
+    """A perceiver with fresh, trainable prompts; a random-init CLIP (``pretrained: None``) is built under ``seed``."""
+    cfg = perceiver_config(config)
+    if cfg.pretrained is not None:
+        return build_perceiver(cfg)
+    _refuse_random(f"CLIP {cfg.clip_model!r} (pretrained=None)", allow_random)
+    with seeded(seed):
+        return build_perceiver(cfg)
+
+
+def build_frozen_perceiver(spec: dict[str, Any], allow_random: bool = False) -> QualityPerceiver:
+    """The frozen stage-1 perceiver from ``{"config": {...}, "prompts": PATH | None, "seed": 0}``."""
+    spec = _fields(spec, "perceiver", ("config",), {"prompts": None, "seed": 0})
+    perceiver = perceiver_from_config(spec["config"], allow_random, spec["seed"])
+    if spec["prompts"] is None:
+        _refuse_random("the perceiver's prompts (prompts=None)", allow_random)
+    else:
+        perceiver.load_prompts(spec["prompts"])
+    return freeze(perceiver)
+
+
+def build_vgg_features(spec: str | dict[str, Any] | None, allow_random: bool = False) -> nn.Module:
+    """Frozen :class:`clearair.losses.VGGFeatures` from a source (``"torchvision"`` or a file), a dict
+    ``{"source", "taps", "seed"}``, or None (random weights, only with ``allow_random``)."""
+    from clearair.losses import VGGFeatures
+
+    taps = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+    spec = _fields(
+        spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "taps": taps, "seed": 0}
+    )
+    if spec["source"] is None:
+        _refuse_random("VGG16 (vgg=None)", allow_random)
+        with seeded(spec["seed"]):
+            return VGGFeatures(load_vgg16_features(None), tuple(spec["taps"]))
+    return VGGFeatures(load_vgg16_features(spec["source"]), tuple(spec["taps"]))
+
+
+# ----------------------------------------------------------------------------------------------- providers
+
+
+def build_priors(spec: dict[str, Any] | None, allow_random: bool = False) -> PriorProvider | None:
+    """The prior provider described by ``spec`` (see the module docstring), or None for ``{"kind": "none"}``."""
+    if spec is None:
+        return None
+    kind = _kind(spec, "priors", ("none", "dino", "clearair"))
+    if kind == "none":
+        _fields(spec, "priors (none)", (), {})
+        return None
+    if kind == "dino":
+        spec = _fields(spec, "priors (dino)", ("source",), {"image_size": 224, "layers": DINO_LAYERS, "seed": 0})
+        dinov2 = _dinov2(spec["source"], allow_random, spec["seed"])
+        return DinoPriors(SemanticGuidance(dinov2, tuple(spec["layers"]), spec["image_size"])).eval()
+    spec = _fields(spec, "priors (clearair)", ("assessor", "regions", "degradation"), {})
+    assessor = _assessor(spec["assessor"], allow_random)
+    regions = _regions(spec["regions"], allow_random)
+    degrader = _degrader(spec["degradation"], allow_random, getattr(assessor, "perceiver", None))
+    return ClearAIRPriors(assessor, regions, degrader).eval()
+
+
+def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
+    from clearair.models.assessors import MLLMAssessor, PerceiverAssessor
+
+    if _kind(spec, "assessor", ("perceiver", "mllm")) == "perceiver":
+        spec = _fields(
+            spec, "assessor (perceiver)", ("config",), {"prompts": None, "seed": 0, "with_probabilities": False}
+        )
+        perceiver = build_frozen_perceiver({k: spec[k] for k in ("config", "prompts", "seed")}, allow_random)
+        return PerceiverAssessor(perceiver, spec["with_probabilities"])
+    optional = {
+        "prompt": "How would you rate the quality of this image?",
+        "answer_prefix": "The quality of the image is",
+    }
+    spec = _fields(spec, "assessor (mllm)", ("source",), {**optional, "dtype": "auto"})
+    return MLLMAssessor(spec["source"], spec["prompt"], spec["answer_prefix"], spec["dtype"])
+
+
+def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
+    from clearair.models.regions import DinoClusterRegions, Sam2Regions
+
+    if _kind(spec, "regions", ("dino_cluster", "sam2")) == "dino_cluster":
+        optional = {"n_regions": 16, "image_size": 224, "iters": 10, "seed": 0}
+        spec = _fields(spec, "regions (dino_cluster)", ("source",), optional)
+        dinov2 = _dinov2(spec["source"], allow_random, spec["seed"])
+        return DinoClusterRegions(dinov2, spec["n_regions"], spec["image_size"], spec["iters"])
+    optional = {"n_regions": 16, "points_per_side": 8, "pred_iou_thresh": 0.7, "stability_thresh": 0.85, "nms_iou": 0.7}
+    spec = _fields(spec, "regions (sam2)", ("source",), optional)
+    return Sam2Regions(**{k: v for k, v in spec.items() if k != "kind"})
+
+
+def _degrader(spec: dict[str, Any], allow_random: bool, assessor_perceiver: nn.Module | None) -> nn.Module:
+    from clearair.models.assessors import DaClipEmbedder, DegradationEmbedder
+
+    if _kind(spec, "degradation", ("cfe_perceiver", "daclip")) == "daclip":
+        spec = _fields(spec, "degradation (daclip)", ("source",), {"model_name": "daclip_ViT-B-32", "image_size": 224})
+        return DaClipEmbedder(spec["source"], spec["model_name"], spec["image_size"])
+    optional = {"perceiver": None, "perceiver_part": "similarities", "seed": 0}
+    spec = _fields(spec, "degradation (cfe_perceiver)", ("cfe",), optional)
+    perceiver = assessor_perceiver
+    if spec["perceiver"] is not None:
+        perceiver = build_frozen_perceiver(spec["perceiver"], allow_random)
+    if perceiver is None:
+        raise ValueError("degradation cfe_perceiver needs a perceiver: give 'perceiver' or use the perceiver assessor")
+    return DegradationEmbedder(_cfe(spec["cfe"], allow_random, spec["seed"]), perceiver, spec["perceiver_part"])
+
+
+def _cfe(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Module:
+    """A trained CFE taken from an exported restorer (a directory of :func:`clearair.export.export_model`), or a
+    random one from ``{"channels": [...], "out_dim": ...}`` (tests only)."""
+    if isinstance(source, dict):
+        _refuse_random("the CFE (dict source)", allow_random)
+        spec = _fields(source, "cfe", (), {"channels": (32, 64, 96, 128), "out_dim": 128})
+        with seeded(seed):
+            return freeze(CFE(tuple(spec["channels"]), spec["out_dim"]))
+    from clearair.export import load_model
+
+    model = load_model(source)
+    if not isinstance(getattr(model, "cfe", None), nn.Module):
+        raise ValueError(f"the model exported at {source} ({getattr(model, 'arch', '?')}) has no CFE to reuse")
+    return freeze(model.cfe)

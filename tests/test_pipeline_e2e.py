@@ -1,0 +1,156 @@
+"""The whole pipeline for real: local Ray, Ray Train, a real MLflow store and server, real shards and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
+STAGES = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
+
+
+def clearair(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def runs_by_name(uri: str, experiment: str) -> tuple[object, dict[str, list]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    return client, by_name
+
+
+def check_lineage(uri: str, workdir: Path) -> None:
+    client, runs = runs_by_name(uri, "tiny")
+    (parent,) = runs["tiny"]
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.source.git.commit")
+    assert parent.data.params.get("train.fit.steps") == "8"
+    for stage in STAGES:
+        (run,) = runs[stage]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
+    crossval = runs["crossval"][0]
+    folds = [r for name, rs in runs.items() if name.startswith("crossval-fold") for r in rs]
+    assert len(folds) == 2 and all(r.data.tags["mlflow.parentRunId"] == crossval.info.run_id for r in folds)
+    assert all("psnr_medium" in r.data.metrics for r in folds)
+    train = runs["train"][0]
+    assert client.get_metric_history(train.info.run_id, "train/loss"), "metrics over steps"
+    digests = {d.dataset.name: d.dataset.digest for d in train.inputs.dataset_inputs}
+    manifest = (next(workdir.glob("stages/synth-*/data/manifest.json"))).read_bytes()
+    import hashlib
+
+    assert digests["synth"] == hashlib.sha256(manifest).hexdigest()[:36] and "tiers" in digests
+    version = client.get_model_version_by_alias("tiny-restorer", "champion")
+    assert version.run_id == train.info.run_id
+    evaluate = runs["evaluate"][0]
+    assert any(k.endswith("psnr_rgb") for k in evaluate.data.metrics)
+
+
+def check_folds_never_restore_what_trained_them(workdir: Path) -> None:
+    for done in sorted(workdir.glob("stages/crossval-*/fold*/done.json")):
+        record = json.loads(done.read_text())
+        fold = record["fold"]
+        assert record["restored"] and all(f"-f{fold}-" in n for n in record["restored"])
+        assert not any(f"-f{fold}-" in n for n in record["trained_on"])
+        assert set(record["trained_on"]).isdisjoint(record["restored"])
+        for shard in record["tier_shards"]:
+            assert all(row["fold"] == fold and row["source_shard"] in record["restored"] for row in shard["rows"])
+
+
+def test_tiny_pipeline_end_to_end_then_cached(tmp_path):
+    workdir = tmp_path / "w"
+    first = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
+    assert first.returncode == 0, first.stderr[-3000:]
+    uri = f"sqlite:///{workdir.resolve()}/mlflow.db"
+    check_lineage(uri, workdir)
+    check_folds_never_restore_what_trained_them(workdir)
+    assert (next(workdir.glob("stages/evaluate-*/results.md"))).read_text().count("synthetic-test") >= 2
+    assert next(workdir.glob("stages/train-*/model/model.safetensors")).exists()
+    t = time.time()
+    again = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
+    assert again.returncode == 0 and time.time() - t < 60
+    _, runs = runs_by_name(uri, "tiny")
+    assert len(runs["tiny"]) == 2 and len(runs["train"]) == 1  # the rerun did no stage work
+    restored = clearair("restore", str(next(workdir.glob("stages/train-*/model"))),
+                        str(next(workdir.glob("stages/synth-*/contact_sheet.png"))), "--out", str(tmp_path / "r"),
+                        "--tile", "64", "--overlap", "16")
+    assert restored.returncode == 0, restored.stderr[-2000:]
+    assert (tmp_path / "r" / "contact_sheet.png").exists()
+    wrong = clearair("restore", str(next(workdir.glob("stages/synth-*/manifest.json")).parent), "x.png", "--out",
+                     str(tmp_path / "r2"))
+    assert wrong.returncode == 2 and "error:" in wrong.stderr
+
+
+def test_tiny_pipeline_logs_to_a_real_mlflow_server(tmp_path):
+    from workflows.tracking import start_mlflow_server
+
+    with start_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as server:
+        assert server.uri.startswith("http://127.0.0.1:")
+        res = clearair("run", TINY, "--workdir", str(tmp_path / "w"), "--tracking-uri", server.uri, "--no-progress")
+        assert res.returncode == 0, res.stderr[-3000:]
+        check_lineage(server.uri, tmp_path / "w")
+
+
+def test_killed_training_resumes_to_the_same_final_step(tmp_path):
+    workdir = tmp_path / "w"
+    steps = ["--set", "train.fit.steps=40", "--set", "train.fit.val_every=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", TINY, "--workdir", str(workdir),
+                             "--no-progress", *steps], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(workdir.glob("stages/train-*/ray/train/checkpoint_*")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = sorted(p.name for p in workdir.glob("stages/train-*/ray/train/checkpoint_*"))
+    assert before and not list(workdir.glob("stages/train-*/result.json"))
+    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress", *steps)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import torch
+
+    ckpts = sorted(workdir.glob("stages/train-*/ray/train/checkpoint_*/checkpoint.ckpt"))
+    final = max(torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in ckpts)
+    assert final == 40
+    result = json.loads(next(workdir.glob("stages/train-*/result.json")).read_text())
+    assert result["metrics"]["best_step"] > 0
+
+
+def test_quickstart_beats_its_input_on_every_task(tmp_path):
+    res = clearair("run", "quickstart", "--workdir", str(tmp_path / "qs"), "--no-progress", timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(__import__("csv").DictReader(open(next((tmp_path / "qs").glob("stages/evaluate-*/results.csv")))))
+    tasks = [r for r in rows if r["set"] == "synthetic-test" and r["task"] != "macro"]
+    assert len(tasks) == 5
+    for r in tasks:
+        assert float(r["psnr_rgb"]) > float(r["input_psnr_rgb"]), r
+
+
+def test_clearair_training_path_at_reduced_size(tmp_path):
+    """The ClearAIR pipeline's train stage (clearair loss, perceiver assessor, DINOv2-cluster regions) on toys."""
+    dino = "{hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2, patch_size: 14, image_size: 28}"
+    priors = (f"{{kind: clearair, assessor: {{kind: perceiver}}, regions: {{kind: dino_cluster, n_regions: 4, "
+              f"image_size: 28, source: {dino}}}, degradation: {{kind: cfe_perceiver, "
+              f"cfe: {{channels: [8, 8, 16, 16], out_dim: 16}}}}}}")
+    res = clearair("run", TINY, "--workdir", str(tmp_path / "w"), "--no-progress",
+                   "--set", "train.model={arch: clearair, preset: tiny, config: {quality_dim: 64, "
+                   "degradation_dim: 19}}",
+                   "--set", "train.loss=clearair", "--set", "train.loss_weights={}", "--set", f"train.priors={priors}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.loads(next((tmp_path / "w").glob("stages/train-*/model/config.json")).read_text())
+    assert config["arch"] == "clearair" and config["extra"]["priors"]["assessor"]["prompts"].endswith(".safetensors")
+    assert (next((tmp_path / "w").glob("stages/evaluate-*/results.csv"))).exists()
