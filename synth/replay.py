@@ -12,7 +12,7 @@ from synth.plan import SampleSpec
 from synth.read import iter_shard
 from synth.recipes import Recipe
 from synth.run import SynthError, load_states, read_manifest
-from synth.sources import SourceItem, sha256_file
+from synth.sources import SourceItem, demo_item, sha256_file
 from synth.writer import produce
 
 
@@ -37,13 +37,7 @@ def _find(out: Path, key: str) -> tuple[str, dict]:
 def _source_item(cfg: SynthConfig, meta: dict) -> SourceItem:
     src = meta["source"]
     if meta["dataset"] == "demo":
-        return SourceItem(
-            "demo",
-            "skimage",
-            src["gt"],
-            src["gt_sha256"],
-            depth="skimage:motorcycle_disp.npz" if "motorcycle" in src["gt"] else None,
-        )
+        return demo_item(src["gt"], src["gt_sha256"])
     for spec in cfg.sources:
         root = Path(spec.path).expanduser().resolve()
         if (spec.name or root.name) != meta["dataset"]:

@@ -258,12 +258,14 @@ def demo_crops(cfg: DemoConfig) -> list[tuple[str, int, int, np.ndarray]]:
 
 def discover_demo(cfg: DemoConfig) -> list[SourceItem]:
     """The embedded default: tiles of photographs that ship inside scikit-image's wheel."""
-    items = []
-    for photo, y, x, crop in demo_crops(cfg):
-        digest = hashlib.sha256(crop.tobytes()).hexdigest()
-        depth = "skimage:motorcycle_disp.npz" if photo.startswith("motorcycle") else None
-        items.append(SourceItem("demo", "skimage", f"skimage:{photo}#{y},{x}", digest, depth=depth))
-    return items
+    return [demo_item(f"skimage:{photo}#{y},{x}", hashlib.sha256(crop.tobytes()).hexdigest())
+            for photo, y, x, crop in demo_crops(cfg)]
+
+
+def demo_item(ref: str, digest: str) -> SourceItem:
+    """The demo crop ``skimage:<photo>#y,x``; the motorcycle photo comes with a depth map (from its disparity)."""
+    depth = "skimage:motorcycle_disp.npz" if ref.startswith("skimage:motorcycle") else None
+    return SourceItem("demo", "skimage", ref, digest, depth=depth)
 
 
 def load_demo_crop(ref: str, cfg: DemoConfig) -> np.ndarray:

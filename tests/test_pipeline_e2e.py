@@ -87,11 +87,11 @@ def test_tiny_pipeline_end_to_end_then_cached(tmp_path):
     _, runs = runs_by_name(uri, "tiny")
     assert len(runs["tiny"]) == 2 and len(runs["train"]) == 1  # the rerun did no stage work
     restored = clearair("restore", str(next(workdir.glob("stages/train-*/model"))),
-                        str(next(workdir.glob("stages/synth-*/contact_sheet.png"))), "--out", str(tmp_path / "r"),
+                        str(next(workdir.glob("stages/synth-*/data/contact_sheet.png"))), "--out", str(tmp_path / "r"),
                         "--tile", "64", "--overlap", "16")
     assert restored.returncode == 0, restored.stderr[-2000:]
     assert (tmp_path / "r" / "contact_sheet.png").exists()
-    wrong = clearair("restore", str(next(workdir.glob("stages/synth-*/manifest.json")).parent), "x.png", "--out",
+    wrong = clearair("restore", str(next(workdir.glob("stages/synth-*/data/manifest.json")).parent), "x.png", "--out",
                      str(tmp_path / "r2"))
     assert wrong.returncode == 2 and "error:" in wrong.stderr
 

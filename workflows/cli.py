@@ -206,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pipeline {cfg.name} done in {time.time() - t0:.0f} s; workdir {options.workdir}")
     for stage, result in results.items():
         note = f" (skipped: {result.skipped})" if result.skipped else ""
-        print(f"  {stage:10s} {json.dumps(result.metrics)[:150]}{note}")
+        took = "cached" if result.seconds is None else f"{result.seconds:.0f} s"
+        print(f"  {stage:10s} {took:>7s}  {json.dumps(result.metrics)[:130]}{note}")
     if "evaluate" in results:
         print(Path(results["evaluate"].outputs["table_md"]).read_text())
     return 0

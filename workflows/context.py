@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,10 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     skipped: str | None = None  # why the stage did no work (e.g. nothing to precompute)
+    seconds: float | None = None  # wall time of the stage when it ran
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "key": self.key,
-            "outputs": self.outputs,
-            "metrics": self.metrics,
-            "run_id": self.run_id,
-            "skipped": self.skipped,
-        }
+        return asdict(self)
 
 
 class Workdir:

@@ -8,8 +8,8 @@ runs one stage on cached inputs; ``--dry-run`` prints what would run and what is
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -163,7 +163,7 @@ def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> 
         cached = workdir.cached(stage, keys[stage])
         if cached is not None and stage not in forced:
             log.info("%s: cached (%s)", stage, workdir.stage_dir(stage, keys[stage]).name)
-            done[stage] = cached
+            done[stage] = replace(cached, seconds=None)  # printed as "cached"
             continue
         inputs = _inputs(stage, workdir, keys, done)
         out = workdir.stage_dir(stage, keys[stage])
@@ -173,19 +173,18 @@ def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> 
         )
         tracker.log_params(run_id, {stage: getattr(cfg, stage).model_dump(mode="json")})
         stage_ctx = replace(ctx, stage=stage, key=keys[stage], out=out, run_id=run_id)
+        started = time.perf_counter()
         try:
             result = STAGE_RUN[stage](cfg, stage_ctx, inputs)
+            result = replace(result, seconds=round(time.perf_counter() - started, 1))
         except BaseException:
             tracker.flush()
             tracker.end_run(run_id, "FAILED")
             raise
         workdir.publish(result)
         tracker.log_dict(run_id, result.to_json(), "result.json")
+        tracker.log_metrics(run_id, {"stage_seconds": result.seconds}, step=0)
         tracker.flush()
         tracker.end_run(run_id, "FINISHED")
         done[stage] = result
     return done
-
-
-def summary(results: dict[str, StageResult]) -> str:
-    return json.dumps({s: r.metrics for s, r in results.items()}, indent=1)
