@@ -20,17 +20,25 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-if "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # glibc reads these at start: re-exec with the workers' settings
-    os.environ.update({"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456"})
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+
 
 
 def demo_images(n: int, size: int = 256) -> list[np.ndarray]:
-    from synth.config import DemoConfig
-    from synth.sources import demo_crops
+    """``n`` distinct ``size`` crops at seeded random positions of scikit-image's photos (long side 1024)."""
+    import skimage
 
-    crops = [c for *_, c in demo_crops(DemoConfig(long_side=1024, crop=size))]
-    return [crops[i % len(crops)] for i in range(n)]
+    from synth.imageio import fit_long_side, load_rgb
+    from synth.sources import DEMO_PHOTOS
+
+    photos = [fit_long_side(load_rgb(Path(skimage.data_dir) / p)[0], 1024)[0] for p in DEMO_PHOTOS]
+    photos = [p for p in photos if min(p.shape[:2]) >= size]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        y, x = rng.integers(0, p.shape[0] - size + 1), rng.integers(0, p.shape[1] - size + 1)
+        out.append(np.ascontiguousarray(p[y : y + size, x : x + size]))
+    return out
 
 
 def timed(fn, items) -> float:
@@ -78,40 +86,48 @@ def full_synthesis(images, steps_for, level: int, tmp: Path) -> tuple[float, lis
     return len(images) / (time.perf_counter() - t), pairs
 
 
-def ray_scaling(n: int, tmp: Path) -> tuple[float, float]:
+def ray_scaling(n: int, tmp: Path) -> dict[str, tuple[float, float]]:
+    """Samples/s with 1 and 2 workers: of the shard phase alone (Ray tasks writing shards) and of whole
+    ``synthesize`` runs (plus discovery, planning, manifest and contact sheet on the driver), after a warm-up run
+    has started the workers (process start and imports are paid once per worker, not per shard)."""
     import ray
     from PIL import Image
 
     from synth.config import validate_config
-    from synth.run import RunOptions, synthesize
+    from synth.distribute import WORKER_ENV, run_shards
+    from synth.recipes import load_recipe
+    from synth.run import RunOptions, check_writable, plan, synthesize
 
     src = tmp / "src"
     src.mkdir()
     for i, img in enumerate(demo_images(n)):
         Image.fromarray(img).save(src / f"{i:04d}.png", compress_level=1)
-    from synth.distribute import WORKER_ENV
-
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    rates = []
-    for workers in (1, 2):
-        cfg = validate_config(
-            {
-                "sources": [{"path": str(src)}],
-                "recipe": "mixed",
-                "out": str(tmp / f"w{workers}"),
-                "samples_per_shard": 16,
-                "patch_size": 128,
-                "max_side": None,
-            }
-        )
+    recipe = load_recipe("mixed")
+    rates: dict[str, list[float]] = {"shards": [], "whole": []}
+    for i, workers in enumerate((2, 1, 2, 1, 2)):
+        cfg = validate_config({"sources": [{"path": str(src)}], "recipe": "mixed", "out": str(tmp / f"w{i}"),
+                               "samples_per_shard": 16, "patch_size": 128, "max_side": None})
+        options = RunOptions(num_workers=workers, progress=False)
+        if i < 3:  # warm-up, then whole runs
+            t = time.perf_counter()
+            samples = synthesize(cfg, options)["samples"]
+            rates["whole"].append(samples / (time.perf_counter() - t))
+            continue
+        out = Path(cfg.out)
+        check_writable(out)
+        pending, _ = plan(cfg, recipe, out, {})
         t = time.perf_counter()
-        m = synthesize(cfg, RunOptions(num_workers=workers, progress=False))
-        rates.append(m["samples"] / (time.perf_counter() - t))
+        samples = sum(s["samples"] for s in run_shards(pending, cfg, recipe, str(out), options))
+        rates["shards"].append(samples / (time.perf_counter() - t))
     ray.shutdown()
-    return rates[0], rates[1]
+    return {"whole": (rates["whole"][1], rates["whole"][2]), "shards": (rates["shards"][0], rates["shards"][1])}
 
 
 def main() -> None:
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # glibc reads these at start: re-exec with the workers' settings
+        os.environ.update({"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456"})
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     import cv2
 
     from synth.degradations import DEGRADATIONS
@@ -121,6 +137,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--level", type=int, default=1, help="PNG zlib level (the shard default is 1)")
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--ray-n", type=int, default=640, help="images of the Ray scaling runs")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     images = demo_images(args.n)
@@ -142,12 +159,10 @@ def main() -> None:
             )
             print(f"| {name} | {r:.1f} | {r / floor:.2f} |")
         if not args.skip_ray:
-            one, two = ray_scaling(args.n, tmp)
-            print(
-                f"\nRay synthesize(), mixed recipe, whole run: 1 worker {one:.1f} samples/s, 2 workers {two:.1f} "
-                f"samples/s, speed-up {two / one:.2f}x"
-            )
-
+            for phase, (one, two) in ray_scaling(args.ray_n, tmp).items():
+                what = "shard phase (Ray tasks)" if phase == "shards" else "whole synthesize() run"
+                print(f"Ray, mixed recipe, {args.ray_n} images, {what}: 1 worker {one:.1f} samples/s, "
+                      f"2 workers {two:.1f} samples/s, speed-up {two / one:.2f}x")
 
 if __name__ == "__main__":
     main()
