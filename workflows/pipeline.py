@@ -73,7 +73,12 @@ def resources(cfg: PipelineConfig, stage: str) -> str:
     if stage == "perceiver":
         return f"1 task ({'1 GPU' if cfg.perceiver.use_gpu else '1 CPU'}), {cfg.perceiver.steps} steps"
     if stage == "priors":
-        return f"batch inference ({'GPU' if cfg.priors.use_gpu else 'CPU'})"
+        from workflows.stages.priors import skip_reason
+
+        reason = skip_reason(cfg)
+        if reason:
+            return f"nothing to precompute: {reason}"
+        return f"1 Ray task per training shard ({'1 GPU' if cfg.priors.use_gpu else '1 CPU'} each)"
     return "1 task (CPU)"
 
 

@@ -1,15 +1,23 @@
 """Stage 4: frozen, expensive priors computed once per whole image, read by training instead of recomputed.
 
-Which parts can be precomputed depends on the model: DINOv2 CLS tokens of Perceive-IR are taken on each random
-training crop, so they stay on the fly; an image-level quality embedding (the MLLM assessor) or region masks of a
-ClearAIR model do not depend on the crop position. This stage records what it decided and why; parts a
-pipeline computes on the fly are skipped automatically.
+Which parts can be precomputed depends on the model. DINOv2 CLS tokens of Perceive-IR are taken on each random
+training crop, so they stay on the fly. ClearAIR's priors are image-level: the quality embedding of an assessor
+(the learned perceiver, or an MLLM) and the degradation embedding describe the whole degraded image, and its
+region masks are cut with each crop's window. For ClearAIR this stage runs one Ray task per training shard (on
+a GPU where the pipeline asks for one) and writes a copy of each shard with ``KEY.prior.<name>.npy`` members
+added; training reads those (``clearair.data`` crops the masks with the image) and never runs the frozen models.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
+from workflows.stages.common import ray_ready
 
 ON_THE_FLY = {
     "none": "the model needs no frozen priors",
@@ -17,16 +25,77 @@ ON_THE_FLY = {
 }
 
 
-def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+@lru_cache(maxsize=2)
+def _provider(spec_json: str, allow_random: bool):
+    """One frozen provider per worker process and spec (loading an assessor is the expensive part)."""
+    from clearair.priors import build_priors
+
+    return build_priors(json.loads(spec_json), allow_random=allow_random)
+
+
+def precompute_shard(url: str, out: str, spec_json: str, allow_random: bool) -> dict[str, Any]:
+    """Copy shard ``url`` to ``out`` with each sample's priors (computed on its whole LQ image) added."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from clearair.inference import to_tensor
+    from synth.imageio import decode_png
+    from synth.read import iter_raw
+    from synth.tiers import write_tier_shard
+
+    provider = _provider(spec_json, allow_random)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    provider.to(device)
+    members, samples = [], 0
+    for raw in iter_raw(url):
+        key = raw.pop("__key__")
+        lq = decode_png(raw.get("lq.png") or raw["low.png"])
+        with torch.inference_mode():
+            priors = provider(to_tensor(lq)[None].to(device))
+        for name, value in priors.items():
+            buf = io.BytesIO()
+            np.save(buf, value[0].float().cpu().numpy(), allow_pickle=False)
+            raw[f"prior.{name}.npy"] = buf.getvalue()
+        members += [(f"{key}.{suffix}", raw[suffix]) for suffix in sorted(raw)]
+        samples += 1
+    path = Path(out)
+    return {"name": path.name, "sha256": write_tier_shard(path, members), "samples": samples}
+
+
+def skip_reason(cfg: PipelineConfig) -> str | None:
     kind = cfg.train.priors.get("kind", "none")
     if not cfg.priors.enabled:
-        reason = "disabled in the pipeline (priors.enabled: false): computed on the fly"
-    elif kind in ON_THE_FLY:
-        reason = ON_THE_FLY[kind]
-    else:
-        reason = (
-            f"{kind} priors are computed on the fly in this version; precomputing them with Ray batch "
-            f"inference is planned (see README, Status)"
-        )
-    ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "on_the_fly", "clearair.priors_reason": reason})
-    return ctx.result({}, {}, skipped=reason)
+        return "disabled in the pipeline (priors.enabled: false): computed on the fly"
+    if kind in ON_THE_FLY:
+        return ON_THE_FLY[kind]
+    if cfg.train.loss == "perceive_ir":
+        return "image-level priors with tier-shard training are computed on the fly"
+    return None
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    import ray
+
+    from synth.read import shard_paths
+    from workflows.stages.train import resolved_priors
+
+    reason = skip_reason(cfg)
+    if reason is not None:
+        ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "on_the_fly", "clearair.priors_reason": reason})
+        return ctx.result({}, {}, skipped=reason)
+    spec = json.dumps(resolved_priors(cfg.train.priors, inputs), sort_keys=True)
+    urls = shard_paths(Path(inputs["synth"].outputs["data"]), "train")
+    out = ctx.out / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in urls if not (out / Path(u).name).exists()]  # published shards of an interrupted run stay
+    ray_ready(ctx)
+    resources = {"num_gpus": 1} if cfg.priors.use_gpu else {"num_cpus": 1}
+    task = ray.remote(max_retries=2, **resources)(precompute_shard)
+    records = ray.get([task.remote(u, str(out / Path(u).name), spec, cfg.train.allow_random_frozen) for u in todo])
+    samples = sum(r["samples"] for r in records)
+    ctx.tracker.log_metrics(ctx.run_id, {"shards_written": len(records), "samples": samples}, step=0)
+    ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "precomputed"})
+    return ctx.result({"train_shards": json.dumps(sorted(str(out / Path(u).name) for u in urls))},
+                      {"shards": len(urls), "samples_computed": samples})

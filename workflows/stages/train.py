@@ -59,6 +59,8 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
         tiers = Path(inputs["crossval"].outputs["tiers"])
         names = [s["name"] for s in json.loads((tiers / "manifest.json").read_text())["shards"] if s["samples"]]
         train, with_tiers = [str(tiers / n) for n in names], True
+    elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
+        train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
     else:
         train, with_tiers = shard_paths(data, "train"), False
     return {"train": train, "val": shard_paths(data, "val"), "tasks": tasks, "tiers": with_tiers}
