@@ -43,11 +43,13 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def _write_shard_task(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str) -> dict:
+    import ray
+
     from synth.run import pin_threads
     from synth.writer import write_shard
 
     pin_threads()
-    return write_shard(spec, cfg, recipe, out)
+    return write_shard(spec, cfg, recipe, out, {"node": ray.get_runtime_context().get_node_id()})
 
 
 def run_shards(pending: list[ShardSpec], cfg: SynthConfig, recipe: Recipe, out: str, options) -> Iterator[dict]:

@@ -183,8 +183,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str) -> dict:
-    """Produce and publish one shard. Returns its state record, or ``{"name", "error"}`` on a filesystem error."""
+def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, extra: dict | None = None) -> dict:
+    """Produce and publish one shard. Returns its state record, or ``{"name", "error"}`` on a filesystem error.
+
+    ``extra`` goes into the state record only (e.g. the node that wrote it), never into the shard or manifest.
+    """
     shard_dir, state_dir = Path(out) / "shards", Path(out) / "state"
     tmp = shard_dir / f".{spec.name}.tar.partial"
     members, keys, skipped = [], [], []
@@ -210,6 +213,7 @@ def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str) -> 
             "keys": keys,
             "skipped": skipped,
             "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+            **(extra or {}),
         }
         write_json_atomic(state_dir / f"{spec.name}.json", state)
         return state

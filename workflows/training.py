@@ -45,20 +45,35 @@ def batch_plan(global_batch: int, workers: int, max_worker_batch: int) -> BatchP
     return BatchPlan(per, accumulation, 1.0, f"global batch {global_batch} not divisible; using {effective}")
 
 
+def worker_nodes() -> list[str]:
+    """Ray node id of every training worker, gathered over the process group Ray Train set up (all ranks call)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import lightning.pytorch as L
     import ray.train
     import torch
-    from clearair.data import TaskIndex, restoration_loader
-    from clearair.lightning import RestorerModule
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
+    from clearair.data import TaskIndex, restoration_loader
+    from clearair.lightning import RestorerModule
     from workflows.validation import validation_loader
 
     torch.manual_seed(config["seed"])
     data, fit = config["data"], config["fit"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    nodes = worker_nodes()
     module = RestorerModule(**config["module"])
     tasks = TaskIndex(data["tasks"])
     train = restoration_loader(
@@ -78,7 +93,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         from workflows.tracking import MetricsCallback, Tracker
 
         tr = config["tracking"]
-        callbacks.append(MetricsCallback(Tracker(tr["uri"], tr["experiment"], tr.get("artifact_root")), tr["run_id"]))
+        tracker = Tracker(tr["uri"], tr["experiment"], tr.get("artifact_root"))
+        tracker.set_tags(
+            tr["run_id"], {"clearair.world_size": str(context.get_world_size()), "clearair.nodes": str(len(set(nodes)))}
+        )
+        callbacks.append(MetricsCallback(tracker, tr["run_id"]))
     trainer = L.Trainer(
         max_steps=fit["steps"],
         max_epochs=-1,
