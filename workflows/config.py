@@ -73,6 +73,9 @@ class PerceiverStageConfig(Strict):
     min_lr: float = 1e-6
     use_gpu: bool = False
     allow_random_frozen: bool = Field(False, description="Random-init CLIP (tiny demo models only).")
+    view: Literal["crop", "resize"] = Field(
+        "crop", description="Random crops at CLIP's input size, or whole images resized."
+    )
 
 
 class PriorsConfig(Strict):

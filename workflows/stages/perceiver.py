@@ -47,8 +47,8 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
     tasks = TaskIndex(job["tasks"])
     size = job["perceiver"]["image_size"]
     batch = -(-job["batch"] // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
-    train = tier_loader(job["train"], batch, size, tasks, seed=job["seed"])
-    val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0, balanced=False)
+    train = tier_loader(job["train"], batch, size, tasks, seed=job["seed"], view=job["view"])
+    val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0, balanced=False, view=job["view"])
     trainer = L.Trainer(
         max_steps=job["steps"],
         max_epochs=-1,
@@ -91,6 +91,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "seed": cfg.seed,
         "use_gpu": cfg.perceiver.use_gpu,
         "allow_random": cfg.perceiver.allow_random_frozen,
+        "view": cfg.perceiver.view,
         "tracking": ctx.tracking(),
     }
     ray_ready(ctx)
