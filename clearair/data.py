@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synth.imageio import decode_png
-from synth.read import ShardFormatError, decode_sample, ensure_lq, to_tensor
+from synth.read import ShardFormatError, decode_sample, ensure_lq, iter_raw, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -342,17 +343,17 @@ class ShardStream(IterableDataset):
         """Raw samples (``{"__key__", "__url__", member: bytes}``) of this rank and worker, shuffled if asked."""
         import webdataset as wds
 
-        stream = self._read_shards(wds)
+        stream = self._read_shards()
         if self.shuffle:
             worker = self._worker()[0]
             stream = wds.filters.shuffle(self.shuffle, seed=_mix(self.seed, self.epoch, self.rank, worker))(stream)
         return stream
 
-    def _read_shards(self, wds) -> Iterator[dict[str, Any]]:
+    def _read_shards(self) -> Iterator[dict[str, Any]]:
         empty = 0
         for url in self._shard_urls():
             count = 0
-            for raw in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])):
+            for raw in iter_raw(url):
                 count += 1
                 yield raw
             empty = 0 if count else empty + 1
@@ -400,8 +401,8 @@ class RestorationStream(ShardStream):
         h, w = sample["gt"].shape[:2]
         if self.crop is None:
             return None
-        if not self.random_crops:
-            return [center_window(h, w, self.crop)]
+        if not self.random_crops:  # evaluation: images smaller than the crop are taken whole
+            return [center_window(h, w, min(self.crop, h, w))]
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])
         return random_windows(h, w, self.crop, rng, n=2 if self.two_crops else 1)
 
@@ -552,15 +553,27 @@ def validation_loader(
     urls: list[str],
     tasks: TaskIndex,
     crop: int | None = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
+    limit: int | None = None,
     recipe=None,
     tiers: bool = False,
-) -> ShardLoader:
-    """Deterministic evaluation batches in shard order: centre crops of ``crop``, or whole images (``crop=None``,
-    one per batch). Same keys as :func:`restoration_loader` without ``lq2``; split by rank like training."""
-    dataset = RestorationStream(urls, crop, batch_size, tasks, recipe, 0, False, 0, tiers, None, random_crops=False)
-    return ShardLoader(dataset, num_workers, 0)
+) -> DataLoader:
+    """A small fixed validation set: the first ``limit`` images of ``urls`` (all without a limit) in shard order,
+    centre crops of ``crop`` (the whole image where it is smaller, or ``crop=None``), one image per batch, with
+    the keys of :func:`restoration_loader` batches without ``lq2``.
+
+    The set is read once and held in memory as a map-style dataset, so under DDP Lightning's distributed sampler
+    gives every rank its share, however few shards there are (a rank-split stream could leave ranks empty).
+    """
+    stream = RestorationStream(urls, crop, 1, tasks, recipe, 0, False, 0, tiers, None, random_crops=False)
+    items = [_unbatch(batch) for batch in itertools.islice(stream, limit)]
+    if not items:
+        raise ShardFormatError(f"no validation images in {len(urls)} shards (e.g. {urls[0]})")
+    return DataLoader(items, batch_size=1, shuffle=False)
+
+
+def _unbatch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The single example of a one-image batch (the default collate function rebuilds the batch)."""
+    return {k: v[0] for k, v in batch.items()}
 
 
 def tier_loader(
@@ -590,8 +603,6 @@ def whole_images(urls: Iterable[str], recipe=None, epoch: int = 0) -> Iterator[d
     """Decoded samples in shard order: ``{"key", "lq", "gt", "meta", "priors", ["medium"], ["depth"]}`` with
     whole ``(H, W, 3)`` uint8 arrays (tier samples: lq = low, gt = high). On-the-fly LQs are synthesised at
     ``epoch`` with ``recipe``. Not split by rank or worker."""
-    import webdataset as wds
-
     for url in urls:
-        for raw in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": str(url)}])):
+        for raw in iter_raw(url):
             yield ensure_lq(decode(raw, str(url)), recipe, epoch)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import io
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from synth import storage
 from synth.read import iter_shard
 
 THUMB = 128
@@ -24,14 +24,14 @@ def _thumb(img: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def first_per_task(out: Path, manifest: dict, recipe=None) -> dict[str, dict]:
+def first_per_task(out: str, manifest: dict, recipe=None) -> dict[str, dict]:
     """The first stored sample of every task (on-the-fly samples are degraded at epoch 0)."""
     from synth.read import ensure_lq
 
     tasks = set(manifest["counts"]["task"])
     found: dict[str, dict] = {}
     for shard in manifest["shards"]:
-        for sample in iter_shard(out / "shards" / shard["name"]):
+        for sample in iter_shard(storage.join(out, "shards", shard["name"])):
             task = sample["meta"]["task"]
             if task not in found:
                 found[task] = ensure_lq(sample, recipe, 0)
@@ -40,7 +40,7 @@ def first_per_task(out: Path, manifest: dict, recipe=None) -> dict[str, dict]:
     return found
 
 
-def write_contact_sheet(out: Path, manifest: dict) -> Path | None:
+def write_contact_sheet(out: str, manifest: dict) -> str | None:
     """Write ``out/contact_sheet.png`` (rows: task; columns: label, LQ, GT); None for an empty dataset."""
     from synth.recipes import Recipe
 
@@ -55,8 +55,8 @@ def write_contact_sheet(out: Path, manifest: dict) -> Path | None:
         steps = ", ".join(d["degradation"] for d in s["meta"]["degradations"]) or s["meta"]["origin"]
         ImageDraw.Draw(label).multiline_text((4, 4), f"{task}\n{s['meta']['severity']}\n{steps[:60]}", fill=(0, 0, 0))
         rows.append(np.concatenate([np.asarray(label), _thumb(s["lq"]), _thumb(s["gt"])], axis=1))
-    path = out / "contact_sheet.png"
-    tmp = out / ".contact_sheet.png.partial"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(buf, format="PNG")
+    path = storage.join(out, "contact_sheet.png")
+    storage.write_bytes(path, buf.getvalue())
     return path

@@ -8,6 +8,7 @@ cluster is configured, see the README's cluster section) and tasks spread over i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 from synth.config import SynthConfig
@@ -23,16 +24,20 @@ WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` or start a local Ray bound to loopback, unless this process already has one."""
+    """Join ``address`` (or ``RAY_ADDRESS``, set inside a Ray job) or start a new local Ray bound to loopback,
+    unless this process already has one. A cluster some earlier ``ray start`` left on the machine is never joined
+    by accident: without an address the run gets its own Ray."""
     import ray
 
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": WORKER_ENV}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

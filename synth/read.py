@@ -1,10 +1,9 @@
 """Reading shards safely: only PNG, JSON and NPY (without pickle) members are ever decoded.
 
-Two readers share one decoder. :func:`iter_shard` walks one tar in order (cross-validation, evaluation, the
-contact sheet). :func:`training_stream` is a webdataset pipeline for training that splits shards by node and by
-DataLoader worker, draws random crops (two different crops of one degraded image when asked, for the CFE
-contrastive loss) and, for on-the-fly recipes, degrades the stored GT afresh at every epoch with the same code
-and seeds as materialized synthesis, so epoch 0 gives the materialized pixels.
+:func:`iter_raw` streams the samples of one tar from a local path or an ``s3://`` URI; :func:`iter_shard` decodes
+them in order (cross-validation, evaluation, the contact sheet); ``clearair.data`` builds the training and
+validation loaders on the same two. For on-the-fly recipes :func:`ensure_lq` degrades the stored GT afresh at
+every epoch with the same code and seeds as materialized synthesis, so epoch 0 gives the materialized pixels.
 
 Shards hold whole images (long side capped by ``max_side``), not fixed crops: training draws its crops at read
 time, and cross-validation and evaluation restore whole images.
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from synth import storage
 from synth.imageio import decode_png
 
 SAFE_SUFFIXES = ("gt.png", "lq.png", "json", "depth.npy")
@@ -50,19 +50,23 @@ def decode_sample(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
     return out
 
 
-def iter_raw(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar, grouping consecutive members by key (the part of the name before the first dot)."""
+def iter_raw(location: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", "__url__", member: bytes}``) of one tar, streamed from a local path or an
+    ``s3://`` URI, grouping consecutive members by key (the part of the name before the first dot)."""
+    url = str(location)
     current: dict[str, Any] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, suffix = info.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[suffix] = tar.extractfile(info).read()
+    try:
+        with storage.open_read(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, suffix = info.name.partition(".")
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current.update({"__key__": key, "__url__": url, suffix: tar.extractfile(info).read()})
+    except tarfile.TarError as err:
+        raise ShardFormatError(f"shard {url}: not a readable tar ({err})") from None
     if current:
         yield current
 
@@ -75,10 +79,10 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
 
 def shard_paths(root: str | Path, split: str, folds: list[int] | None = None) -> list[str]:
     """Shard files of ``split`` (and, for train, of the given folds) listed in the dataset's manifest."""
-    root = Path(root)
-    manifest = json.loads((root / "manifest.json").read_text())
+    root = storage.resolve(root)
+    manifest = storage.read_json(storage.join(root, "manifest.json"))
     return [
-        str(root / "shards" / s["name"])
+        storage.join(root, "shards", s["name"])
         for s in manifest["shards"]
         if s["split"] == split and (folds is None or s["fold"] in folds)
     ]
@@ -121,48 +125,3 @@ def to_tensor(img: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
-
-
-def training_stream(
-    urls: list[str],
-    crop: int,
-    recipe=None,
-    epoch: int = 0,
-    seed: int = 0,
-    two_crops: bool = False,
-    shuffle: int = 0,
-    resampled: bool = False,
-):
-    """A webdataset pipeline of training examples ``{"lq", "gt", ["lq2"], "task", "key"}`` as tensors.
-
-    Shards are split by node (torch.distributed rank) and by DataLoader worker. Crops and flips come from a
-    generator seeded by (seed, epoch, key), so a run is reproducible whatever the worker layout.
-    """
-    import webdataset as wds
-
-    def prepare(raw: dict[str, Any]) -> dict[str, Any]:
-        sample = ensure_lq(decode_sample(raw, raw.get("__url__", "?")), recipe, epoch)
-        rng = np.random.default_rng([seed, epoch, int(sample["key"][:16], 16)])
-        crops = random_crops(sample["gt"], sample["lq"], crop, rng, n=2 if two_crops else 1)
-        example = {
-            "lq": to_tensor(crops[0][0]),
-            "gt": to_tensor(crops[0][1]),
-            "task": sample["meta"]["task"],
-            "key": sample["key"],
-        }
-        if two_crops:
-            example["lq2"] = to_tensor(crops[1][0])
-        return example
-
-    dataset = wds.WebDataset(
-        urls,
-        resampled=resampled,
-        shardshuffle=False if not shuffle else shuffle,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        empty_check=False,
-        handler=wds.reraise_exception,
-    )
-    if shuffle:
-        dataset = dataset.shuffle(shuffle, seed=seed * 100003 + epoch)
-    return dataset.map(prepare)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synth import storage
 from synth.config import SynthConfig
 from synth.plan import SampleSpec
 from synth.read import iter_shard
@@ -25,10 +26,10 @@ class Replay:
     identical: bool
 
 
-def _find(out: Path, key: str) -> tuple[str, dict]:
+def _find(out: str, key: str) -> tuple[str, dict]:
     for state in load_states(out).values():
         if key in state["keys"]:
-            for sample in iter_shard(out / "shards" / state["name"]):
+            for sample in iter_shard(storage.join(out, "shards", state["name"])):
                 if sample["key"] == key:
                     return state["name"], sample
     raise SynthError(f"no sample with key {key!r} in {out}")
@@ -62,7 +63,7 @@ def _source_item(cfg: SynthConfig, meta: dict) -> SourceItem:
 
 def replay(out: str | Path, key: str) -> Replay:
     """Rebuild sample ``key`` of the dataset in ``out`` from its source and compare it with the stored one."""
-    out = Path(out)
+    out = storage.resolve(out)
     manifest = read_manifest(out)
     if manifest is None:
         raise SynthError(f"{out} has no manifest.json")

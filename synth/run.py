@@ -9,19 +9,16 @@ complete. Adding sources to an existing dataset plans only the new samples, in n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
+from synth import storage
 from synth.config import SynthConfig
 from synth.plan import ShardSpec, expand, make_shards
 from synth.recipes import Recipe, load_recipe
 from synth.sources import discover
-from synth.writer import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +38,25 @@ class RunOptions:
     progress: bool = True
 
 
-def check_writable(out: Path) -> None:
-    """Fail early, with the reason, if ``out`` cannot hold the dataset (read-only mount, a file in the way...)."""
+def check_writable(out: str) -> None:
+    """Fail early, with the reason, if ``out`` cannot hold the dataset (read-only mount, a file in the way,
+    a missing bucket or credentials...)."""
     try:
         for sub in ("shards", "state"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        probe = out / "state" / ".write-probe"
-        probe.write_bytes(b"x")
-        probe.unlink()
+            storage.makedirs(storage.join(out, sub))
+        probe = storage.join(out, "state", ".write-probe")
+        storage.write_bytes(probe, b"x")
+        storage.remove(probe)
     except OSError as err:
         raise SynthError(f"output {out} is not writable: {err.strerror or err}") from None
 
 
-def read_manifest(out: Path) -> dict | None:
-    path = out / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(out: str) -> dict | None:
+    path = storage.join(out, "manifest.json")
+    return storage.read_json(path) if storage.exists(path) else None
 
 
-def check_compatible(cfg: SynthConfig, out: Path, overwrite: bool) -> None:
+def check_compatible(cfg: SynthConfig, out: str, overwrite: bool) -> None:
     """Refuse to mix configs in one output; ``overwrite`` clears it instead."""
     previous = read_manifest(out) or _state_config(out)
     if previous is None or previous.get("config_digest") == cfg.digest():
@@ -69,41 +67,51 @@ def check_compatible(cfg: SynthConfig, out: Path, overwrite: bool) -> None:
             f"{cfg.digest()[:12]}). Use another --out, or --overwrite to delete it and start again."
         )
     log.warning("overwrite: removing %s", out)
-    for sub in ("shards", "state", "manifest.json", "contact_sheet.png"):
-        target = out / sub
-        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    storage.remove(storage.join(out, "manifest.json"))  # first: without it the output no longer claims completeness
+    for sub in ("shards", "state"):
+        storage.remove_tree(storage.join(out, sub))
+    storage.remove(storage.join(out, "contact_sheet.png"))
 
 
-def _state_config(out: Path) -> dict | None:
-    path = out / "state" / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _state_config(out: str) -> dict | None:
+    path = storage.join(out, "state", "config.json")
+    return storage.read_json(path) if storage.exists(path) else None
 
 
-def load_states(out: Path) -> dict[str, dict]:
-    """State records of published shards, by shard stem; a record whose tar is missing does not count."""
+def load_states(out: str) -> dict[str, dict]:
+    """State records of published shards, by shard stem; a record whose tar is missing or has another size than
+    the one recorded does not count (the shard is written again)."""
     states = {}
-    for path in sorted((out / "state").glob("*.json")):
-        if path.name in ("config.json", "plan.json"):
+    shards = set(storage.listdir(storage.join(out, "shards")))
+    for entry in storage.listdir(storage.join(out, "state")):
+        if not entry.endswith(".json") or entry.startswith(".") or entry in ("config.json", "plan.json"):
             continue
-        state = json.loads(path.read_text())
-        if (out / "shards" / state["name"]).exists():
-            states[path.stem] = state
+        state = storage.read_json(storage.join(out, "state", entry))
+        if state["name"] not in shards:
+            continue
+        if "bytes" in state and storage.size(storage.join(out, "shards", state["name"])) != state["bytes"]:
+            continue
+        states[entry.removesuffix(".json")] = state
     return states
 
 
-def remove_partials(out: Path) -> int:
-    partials = list((out / "shards").glob(".*.partial")) + list((out / "state").glob(".*.partial"))
-    for p in partials:
-        p.unlink()
-    return len(partials)
+def remove_partials(out: str) -> int:
+    """Delete temporary files an interrupted local run left (object stores never hold partial objects)."""
+    n = 0
+    for sub in ("shards", "state"):
+        for entry in storage.listdir(storage.join(out, sub)):
+            if entry.startswith(".") and entry.endswith(".partial"):
+                storage.remove(storage.join(out, sub, entry))
+                n += 1
+    return n
 
 
-def read_plan(out: Path) -> dict[str, dict]:
-    path = out / "state" / "plan.json"
-    return json.loads(path.read_text())["shards"] if path.exists() else {}
+def read_plan(out: str) -> dict[str, dict]:
+    path = storage.join(out, "state", "plan.json")
+    return storage.read_json(path)["shards"] if storage.exists(path) else {}
 
 
-def plan(cfg: SynthConfig, recipe: Recipe, out: Path, states: dict[str, dict]) -> tuple[list[ShardSpec], list[dict]]:
+def plan(cfg: SynthConfig, recipe: Recipe, out: str, states: dict[str, dict]) -> tuple[list[ShardSpec], list[dict]]:
     """Shards still to write, and what discovery skipped.
 
     The first run commits its plan (``state/plan.json``) before any work; a rerun finishes exactly those shards,
@@ -127,16 +135,15 @@ def plan(cfg: SynthConfig, recipe: Recipe, out: Path, states: dict[str, dict]) -
     new = make_shards(samples, cfg.samples_per_shard, cfg.max_samples, {n: e["keys"] for n, e in committed.items()})
     if new:
         committed |= {s.name: {"split": s.split, "fold": s.fold, "keys": [x.key for x in s.samples]} for s in new}
-        write_json_atomic(out / "state" / "plan.json", {"shards": committed})
+        storage.write_json(storage.join(out, "state", "plan.json"), {"shards": committed})
     return pending + new, found.skipped
 
 
 def synthesize(cfg: SynthConfig, options: RunOptions = RunOptions()) -> dict:
     """Run (or resume, or extend) synthesis into ``cfg.out`` and return the manifest."""
     recipe = load_recipe(cfg.recipe)
-    out = Path(cfg.out).expanduser().resolve()
-    if out.exists():
-        check_compatible(cfg, out, options.overwrite)
+    out = storage.resolve(cfg.out)
+    check_compatible(cfg, out, options.overwrite)
     check_writable(out)
     try:
         return _synthesize(cfg, recipe, out, options)
@@ -149,8 +156,8 @@ def synthesize(cfg: SynthConfig, options: RunOptions = RunOptions()) -> dict:
         ) from None
 
 
-def _synthesize(cfg: SynthConfig, recipe: Recipe, out: Path, options: RunOptions) -> dict:
-    write_json_atomic(out / "state" / "config.json", {"config_digest": cfg.digest()})
+def _synthesize(cfg: SynthConfig, recipe: Recipe, out: str, options: RunOptions) -> dict:
+    storage.write_json(storage.join(out, "state", "config.json"), {"config_digest": cfg.digest()})
     if n := remove_partials(out):
         log.info("removed %d partial files of an interrupted run", n)
     states = load_states(out)
@@ -159,13 +166,13 @@ def _synthesize(cfg: SynthConfig, recipe: Recipe, out: Path, options: RunOptions
     if pending:
         from synth.distribute import run_shards
 
-        for state in run_shards(pending, cfg, recipe, str(out), options):
-            states[Path(state["name"]).stem] = state
+        for state in run_shards(pending, cfg, recipe, out, options):
+            states[state["name"].removesuffix(".tar")] = state
     manifest = build_manifest(cfg, recipe, states, skipped)
     from synth.contact_sheet import write_contact_sheet
 
     write_contact_sheet(out, manifest)
-    write_json_atomic(out / "manifest.json", manifest)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
     return manifest
 
 

@@ -1,20 +1,18 @@
 """Tier shards: low (the degraded input), medium (a held-out restoration) and high (the ground truth).
 
 Written by cross-validation for prompt learning and the difficulty-adaptive loss, with the same guarantees as
-synthesis shards: deterministic members, a temporary name renamed when complete, only PNG and JSON inside.
+synthesis shards: deterministic members, published all-or-nothing (``synth.writer.publish_tar``), only PNG and
+JSON inside.
 Members per sample: ``KEY.high.png``, ``KEY.json``, ``KEY.low.png``, ``KEY.medium.png``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 
 from synth.imageio import encode_png
-from synth.writer import write_tar
 
 TIER_FORMAT = "clearair-tiers"
 TIER_VERSION = 1
@@ -27,11 +25,3 @@ def tier_members(key: str, low: np.ndarray, medium: np.ndarray, high: np.ndarray
         (f"{key}.low.png", encode_png(low, level)),
         (f"{key}.medium.png", encode_png(medium, level)),
     ]
-
-
-def write_tier_shard(path: Path, members: list[tuple[str, bytes]]) -> str:
-    """Write members to ``path`` through a temporary name; returns the shard's sha256."""
-    tmp = path.with_name(f".{path.name}.partial")
-    sha = write_tar(tmp, members)
-    os.replace(tmp, path)
-    return sha

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from synth import storage
 from synth.config import SynthConfig
 from synth.degradations import Context, apply_steps
 from synth.imageio import BadImage, encode_png, fit_long_side, load_rgb
@@ -177,10 +179,29 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
         return hw.h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def publish_tar(location: str, members: list[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write a deterministic tar and publish it at ``location`` all-or-nothing; returns (sha256, bytes).
+
+    Locally the tar is written beside its final name (``.NAME.partial``) and renamed; for an object store it is
+    written to local scratch space, uploaded and verified, then the scratch copy is removed.
+    """
+    if storage.is_remote(location):
+        scratch = storage.scratch_dir("tar-")
+        tmp = scratch / storage.name(location)
+    else:
+        scratch = None
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(location).with_name(f".{storage.name(location)}.partial")
+    try:
+        sha = write_tar(tmp, members)
+        n = tmp.stat().st_size
+        storage.put_file(tmp, location, move=True)
+        return sha, n
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, extra: dict | None = None) -> dict:
@@ -188,8 +209,6 @@ def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, ext
 
     ``extra`` goes into the state record only (e.g. the node that wrote it), never into the shard or manifest.
     """
-    shard_dir, state_dir = Path(out) / "shards", Path(out) / "state"
-    tmp = shard_dir / f".{spec.name}.tar.partial"
     members, keys, skipped = [], [], []
     counts: dict[str, Counter] = {"task": Counter(), "degradation": Counter(), "severity": Counter()}
     for sample in spec.samples:
@@ -202,11 +221,11 @@ def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, ext
         keys.append(sample.key)
         _count(counts, produced.meta)
     try:
-        sha = write_tar(tmp, members)
-        os.replace(tmp, shard_dir / f"{spec.name}.tar")
+        sha, n = publish_tar(storage.join(out, "shards", f"{spec.name}.tar"), members)
         state = {
             "name": f"{spec.name}.tar",
             "sha256": sha,
+            "bytes": n,
             "samples": len(keys),
             "split": spec.split,
             "fold": spec.fold,
@@ -215,10 +234,9 @@ def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, ext
             "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
             **(extra or {}),
         }
-        write_json_atomic(state_dir / f"{spec.name}.json", state)
+        storage.write_json(storage.join(out, "state", f"{spec.name}.json"), state)  # the completion record, last
         return state
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         return {"name": f"{spec.name}.tar", "error": f"{type(err).__name__}: {err.strerror or err}"}
 
 

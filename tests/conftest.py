@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hubs, one local Ray per test session, small real images on disk."""
+"""Shared fixtures: offline hubs, one local Ray per test session, small real images on disk, a throwaway PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from tests.objectstore import MotoServer  # noqa: E402  (sets the S3 environment before Ray starts)
+from tests.servers import REQUIRE_POSTGRES_ENV, PostgresUnavailable, find_postgres, running_postgres  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,10 +39,36 @@ def ray_session():
     if not ray.is_initialized():
         from synth.distribute import WORKER_ENV
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": WORKER_ENV})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL on 127.0.0.1 for the session (tests/servers.py). Skipped when this machine has no
+    PostgreSQL binaries, unless CLEARAIR_REQUIRE_POSTGRES=1 (set by CI), which turns the skip into a failure."""
+    try:
+        tools = find_postgres()
+    except PostgresUnavailable as err:
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{err} ({REQUIRE_POSTGRES_ENV}=1)", pytrace=False)
+        pytest.skip(str(err))
+    with running_postgres(tools) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_uri(postgres_cluster) -> str:
+    """``postgresql+psycopg2://clearair:PASSWORD@127.0.0.1:PORT/DB``: a new, empty database for this test."""
+    return postgres_cluster.create_database(f"test_{os.urandom(4).hex()}")
 
 
 def textured(h: int, w: int, seed: int) -> np.ndarray:
@@ -61,3 +90,17 @@ def photo_dir(tmp_path: Path) -> Path:
         ext = "jpg" if i % 3 == 0 else "png"
         Image.fromarray(textured(160, 200, i)).save(folder / f"img{i:02d}.{ext}", quality=95)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session (tests/objectstore.py)."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """``s3://clearair-XXXX``: a new, empty bucket on the session's S3 server."""
+    return s3_server.new_bucket()

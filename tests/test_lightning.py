@@ -47,8 +47,6 @@ TINY_PERCEIVER = {"config": TINY_CLIP, "prompts": None}
 TASKS = {"denoise": 9, "derain": 5}  # uneven on purpose
 
 
-
-
 @pytest.fixture(autouse=True)
 def quiet_lightning():
     with warnings.catch_warnings():
@@ -330,7 +328,7 @@ def test_perceive_ir_training_keeps_frozen_parts_out_of_checkpoints(tier_shards,
     )
     module = RestorerModule("perceive_ir", **kwargs)
     train = restoration_loader(tier_shards, 32, 4, tasks, tiers=True, steps_per_epoch=2)
-    val = validation_loader(tier_shards[:1], tasks, crop=32, batch_size=4, tiers=True)
+    val = validation_loader(tier_shards[:1], tasks, crop=32, limit=4, tiers=True)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit = trainer(tmp_path, max_steps=4, callbacks=[checkpoints], num_sanity_val_steps=1, limit_val_batches=1)
     fit.fit(module, train, val)

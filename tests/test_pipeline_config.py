@@ -48,7 +48,6 @@ def test_dry_run_prints_plan_and_runs_nothing(tmp_path, capsys):
 def test_plan_marks_cached_stages_and_from(tmp_path):
     cfg = load_pipeline(TINY)
     wd, keys = Workdir(tmp_path), stage_keys(cfg)
-    wd.stage_dir("synth", keys["synth"]).mkdir(parents=True)
     wd.publish(StageResult("synth", keys["synth"], {"data": "x"}))
     rows = {r["stage"]: r for r in plan(cfg, Options(tmp_path))}
     assert rows["synth"]["cached"] and not rows["synth"]["runs"] and rows["crossval"]["runs"]
@@ -72,8 +71,13 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "global_batch,workers,max_worker,expected",
-    [(8, 4, 8, (2, 1, 1.0)), (8, 1, 4, (4, 2, 1.0)), (8, 1, 8, (8, 1, 1.0)), (4, 16, 8, (1, 1, 4.0)),
-     (8, 2, 2, (2, 2, 1.0))],
+    [
+        (8, 4, 8, (2, 1, 1.0)),
+        (8, 1, 4, (4, 2, 1.0)),
+        (8, 1, 8, (8, 1, 1.0)),
+        (4, 16, 8, (1, 1, 4.0)),
+        (8, 2, 2, (2, 2, 1.0)),
+    ],
 )
 def test_batch_plan_keeps_global_batch(global_batch, workers, max_worker, expected):
     p = batch_plan(global_batch, workers, max_worker)
@@ -85,8 +89,16 @@ def test_batch_plan_keeps_global_batch(global_batch, workers, max_worker, expect
 def test_missing_benchmark_layout_fails_before_work(tmp_path, capsys):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "x.txt").write_text("no images")
-    code = main(["run", TINY, "--workdir", str(tmp_path / "w"), "--set",
-                 f"evaluate.benchmarks=[{{name: b, path: {tmp_path / 'bench'}}}]"])
+    code = main(
+        [
+            "run",
+            TINY,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            f"evaluate.benchmarks=[{{name: b, path: {tmp_path / 'bench'}}}]",
+        ]
+    )
     assert code == 2 and "benchmark b" in capsys.readouterr().err
     assert not (tmp_path / "w" / "stages").exists()
 

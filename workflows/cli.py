@@ -169,7 +169,11 @@ def add_run_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print stages, cache state and resources; run nothing")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store inside the workdir)")
-    p.add_argument("--workdir", default="runs/default", help="where stage outputs are cached (default: runs/default)")
+    p.add_argument(
+        "--workdir",
+        default="runs/default",
+        help="where stage outputs are cached: a directory or s3://BUCKET/PREFIX (default: runs/default)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -182,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workflows.tracking import TrackingUnavailable
 
     options = Options(
-        Path(args.workdir),
+        args.workdir,
         args.tracking_uri,
         args.ray_address,
         args.start_from,
@@ -209,7 +213,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         took = "cached" if result.seconds is None else f"{result.seconds:.0f} s"
         print(f"  {stage:10s} {took:>7s}  {json.dumps(result.metrics)[:130]}{note}")
     if "evaluate" in results:
-        print(Path(results["evaluate"].outputs["table_md"]).read_text())
+        from synth import storage
+
+        print(storage.read_text(results["evaluate"].outputs["table_md"]))
     return 0
 
 
@@ -264,7 +270,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     try:
         done = restore_paths(
-            Path(args.model), [Path(p) for p in args.inputs], Path(args.out), args.tile or None, args.overlap
+            args.model, [Path(p) for p in args.inputs], Path(args.out), args.tile or None, args.overlap
         )
     except RestoreError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -284,7 +290,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from workflows.restore import RestoreError, score_paths
 
     try:
-        rows = score_paths(Path(args.prompts), [Path(p) for p in args.inputs])
+        rows = score_paths(args.prompts, [Path(p) for p in args.inputs])
     except RestoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -313,7 +319,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     ok = True
-    for check in diagnose(cfg, Path(args.workdir), args.tracking_uri, args.ray_address):
+    for check in diagnose(cfg, args.workdir, args.tracking_uri, args.ray_address):
         ok &= check.ok
         print(f"[{'ok' if check.ok else 'MISSING'}] {check.what}: {check.detail}")
     return 0 if ok else 1

@@ -1,7 +1,8 @@
 """Runtime state of one pipeline invocation: the workdir, its lock, stage cache entries, tracking and Ray.
 
-The workdir holds one directory per stage output, ``stages/<stage>-<key>/``, where the key is a digest of the
-stage's settings and of its inputs' keys; ``result.json`` is written last and marks the output complete. A rerun
+The workdir (a local or shared directory, or an ``s3://`` prefix) holds one directory per stage output,
+``stages/<stage>-<key>/``, where the key is a digest of the stage's settings and of its inputs' keys;
+``result.json`` is written last and marks the output complete. A rerun
 finds complete outputs and skips them; a changed setting changes the key of that stage and of everything
 downstream. A stage that was interrupted finds its own partial directory again and resumes inside it.
 """
@@ -9,13 +10,14 @@ downstream. A stage that was interrupted finds its own partial directory again a
 from __future__ import annotations
 
 import fcntl
-import json
+import hashlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from synth import storage
 
 
 class WorkdirLocked(RuntimeError):
@@ -40,13 +42,26 @@ class StageResult:
 
 class Workdir:
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.root = storage.resolve(root)
         self._lock_file = None
+
+    def lock_path(self) -> Path:
+        """The lock file: ``.lock`` in a directory workdir (shared filesystems with flock support included).
+
+        An object store has no locks, so an ``s3://`` workdir is locked on the driver's machine (in the cache
+        directory, keyed by its URI): two drivers on one machine cannot collide, two on different machines must
+        not share a workdir.
+        """
+        if storage.is_remote(self.root):
+            digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
+            return storage.cache_dir() / "locks" / f"{digest}.lock"
+        return Path(self.root) / ".lock"
 
     def lock(self) -> None:
         """Take the workdir's lock or fail naming the holder; released by :meth:`unlock` or process exit."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        f = open(self.root / ".lock", "a+")
+        path = self.lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,36 +83,39 @@ class Workdir:
             self._lock_file.close()
             self._lock_file = None
 
-    def stage_dir(self, stage: str, key: str) -> Path:
-        return self.root / "stages" / f"{stage}-{key[:12]}"
+    def stage_dir(self, stage: str, key: str) -> str:
+        return storage.join(self.root, "stages", f"{stage}-{key[:12]}")
 
     def cached(self, stage: str, key: str) -> StageResult | None:
-        path = self.stage_dir(stage, key) / "result.json"
-        if not path.exists():
+        path = storage.join(self.stage_dir(stage, key), "result.json")
+        if not storage.exists(path):
             return None
-        data = json.loads(path.read_text())
-        return StageResult(**data)
+        return StageResult(**storage.read_json(path))
 
     def publish(self, result: StageResult) -> None:
-        path = self.stage_dir(result.stage, result.key) / "result.json"
-        tmp = path.with_name(".result.json.partial")
-        tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        storage.write_json(storage.join(self.stage_dir(result.stage, result.key), "result.json"), result.to_json())
+
+    def _stage_names(self, prefix: str = "") -> list[str]:
+        names = storage.listdir(storage.join(self.root, "stages"))
+        return [n for n in names if "-" in n and n.startswith(prefix) and not n.startswith(".")]
 
     def entries(self) -> list[dict[str, Any]]:
         """Every stage output in the workdir with its size and whether it is complete."""
         out = []
-        for d in sorted((self.root / "stages").glob("*-*")):
-            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-            out.append({"dir": d.name, "complete": (d / "result.json").exists(), "bytes": size})
+        for name in self._stage_names():
+            d = storage.join(self.root, "stages", name)
+            complete = storage.exists(storage.join(d, "result.json"))
+            out.append({"dir": name, "complete": complete, "bytes": storage.tree_size(d)})
         return out
 
     def drop(self, name: str) -> list[str]:
         """Remove stage outputs whose directory name starts with ``name`` (e.g. ``train`` or ``train-3f2a``)."""
         removed = []
-        for d in sorted((self.root / "stages").glob(f"{name}*")):
-            shutil.rmtree(d)
-            removed.append(d.name)
+        for stage_name in self._stage_names(name):
+            d = storage.join(self.root, "stages", stage_name)
+            storage.remove(storage.join(d, "result.json"))  # first: a half-removed output never looks complete
+            storage.remove_tree(d)
+            removed.append(stage_name)
         return removed
 
 
@@ -115,8 +133,15 @@ class RunContext:
     # set per stage by the pipeline
     stage: str = ""
     key: str = ""
-    out: Path = Path()
+    out: str = ""  # this stage's output location (a directory or an s3:// prefix)
     run_id: str | None = None
+
+    def artifact_root(self) -> str | None:
+        """Where a new experiment keeps artifacts: the server decides for an ``http(s)://`` tracking server (its
+        ``--artifacts-destination``); other stores keep them in the workdir's ``mlartifacts``."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return storage.join(self.workdir.root, "mlartifacts")
 
     def tracking(self, run_id: str | None = None) -> dict[str, Any]:
         """What a remote process needs to log into a run of this invocation (plain, picklable)."""
@@ -124,7 +149,7 @@ class RunContext:
             "uri": self.tracking_uri,
             "experiment": self.experiment,
             "run_id": run_id or self.run_id,
-            "artifact_root": str(self.workdir.root / "mlartifacts"),
+            "artifact_root": self.artifact_root(),
         }
 
     def result(

@@ -60,6 +60,22 @@ def dataset_checks(cfg: PipelineConfig) -> list[Check]:
     return checks
 
 
+def storage_check(workdir: str) -> Check:
+    """An object-store workdir: can this machine write and read back an object there (bucket, credentials)?"""
+    from synth import storage
+
+    def probe() -> str:
+        path = storage.join(workdir, ".doctor-probe")
+        storage.write_bytes(path, b"ok")
+        ok = storage.read_bytes(path) == b"ok"
+        storage.remove(path)
+        if not ok:
+            raise OSError(f"{path} read back different bytes")
+        return "writable"
+
+    return _try(f"storage {workdir}", probe)
+
+
 def disk_check(cfg: PipelineConfig, workdir: Path) -> Check:
     """Free space against a rough estimate: sources x (variants + 1) x 1.5 for PNG shards, tiers and checkpoints."""
     size = 0
@@ -73,14 +89,19 @@ def disk_check(cfg: PipelineConfig, workdir: Path) -> Check:
     return Check("disk", free > need, f"{free / 1e9:.1f} GB free at {probe}, about {need / 1e9:.1f} GB needed")
 
 
-def diagnose(cfg: PipelineConfig, workdir: Path, tracking_uri: str | None, ray_address: str | None) -> list[Check]:
+def diagnose(cfg: PipelineConfig, workdir: str, tracking_uri: str | None, ray_address: str | None) -> list[Check]:
+    from synth import storage
     from workflows.tracking import check_tracking, default_tracking_uri
 
-    uri = tracking_uri or default_tracking_uri(workdir.resolve())
     checks = weight_checks(cfg) + dataset_checks(cfg)
-    checks.append(_try(f"tracking {uri}", lambda: check_tracking(uri)))
+    try:
+        uri = tracking_uri or default_tracking_uri(storage.resolve(workdir))
+        checks.append(_try(f"tracking {uri}", lambda: check_tracking(uri)))
+    except ValueError as err:
+        checks.append(Check("tracking", False, str(err)))
     checks.append(_try(f"ray {ray_address or '(local)'}", lambda: _ray_check(ray_address)))
-    checks.append(disk_check(cfg, workdir))
+    remote = storage.is_remote(workdir)
+    checks.append(storage_check(workdir) if remote else disk_check(cfg, Path(workdir).expanduser().resolve()))
     return checks
 
 

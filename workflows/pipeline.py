@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from synth import storage
 from workflows.config import STAGES, PipelineConfig
 from workflows.context import RunContext, StageResult, Workdir
 from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
@@ -43,7 +44,7 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Options:
-    workdir: Path
+    workdir: str | Path  # a directory or an s3:// prefix
     tracking_uri: str | None = None
     ray_address: str | None = None
     start_from: str | None = None
@@ -133,19 +134,17 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
 
     workdir, keys = Workdir(options.workdir), stage_keys(cfg)
     visit, forced = selected(options)
-    uri = options.tracking_uri or default_tracking_uri(workdir.root)
+    try:
+        uri = options.tracking_uri or default_tracking_uri(workdir.root)
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
     check_tracking(uri)
     workdir.lock()
     try:
-        tracker = Tracker(uri, cfg.tracking.experiment, str(workdir.root / "mlartifacts"))
         ctx = RunContext(
-            workdir,
-            uri,
-            cfg.tracking.experiment,
-            ray_address=options.ray_address,
-            tracker=tracker,
-            progress=options.progress,
+            workdir, uri, cfg.tracking.experiment, ray_address=options.ray_address, progress=options.progress
         )
+        tracker = ctx.tracker = Tracker(uri, cfg.tracking.experiment, ctx.artifact_root())
         parent = tracker.start_run(f"{cfg.name}", tags={**run_tags(), "clearair.pipeline": cfg.name})
         ctx.parent_run_id = parent
         tracker.log_params(parent, cfg.model_dump(mode="json"))
@@ -167,12 +166,12 @@ def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> 
     for stage in visit:
         cached = workdir.cached(stage, keys[stage])
         if cached is not None and stage not in forced:
-            log.info("%s: cached (%s)", stage, workdir.stage_dir(stage, keys[stage]).name)
+            log.info("%s: cached (%s)", stage, storage.name(workdir.stage_dir(stage, keys[stage])))
             done[stage] = replace(cached, seconds=None)  # printed as "cached"
             continue
         inputs = _inputs(stage, workdir, keys, done)
         out = workdir.stage_dir(stage, keys[stage])
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out)
         run_id = tracker.start_run(
             stage, parent_run_id=ctx.parent_run_id, tags={"clearair.stage": stage, "clearair.stage_key": keys[stage]}
         )

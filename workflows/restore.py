@@ -23,10 +23,17 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _restorer(model: Path):
+def _restorer(model: str | Path):
     from clearair.export import ExportFormatError
+    from synth import storage
     from workflows.evaluation import load_restorer
 
+    if storage.is_remote(model):  # an export (or a checkpoint) in an object store: read through a local copy
+        try:
+            model = storage.local_copy(model) if storage.is_file(model) else storage.local_tree(model)
+        except OSError as err:
+            raise RestoreError(f"cannot read {model}: {err}") from None
+    model = Path(model)
     if model.is_file():  # a Lightning checkpoint of a training run
         from workflows.training import restorer_from_checkpoint
 
@@ -41,7 +48,7 @@ def _restorer(model: Path):
 
 
 def restore_paths(
-    model: Path, inputs: list[Path], out: Path, tile: int | None, overlap: int
+    model: str | Path, inputs: list[Path], out: Path, tile: int | None, overlap: int
 ) -> list[tuple[Path, Path]]:
     """Restore every image of ``inputs`` into ``out`` as PNG (any size: tiled with blending)."""
     import torch
@@ -65,7 +72,7 @@ def restore_paths(
     return done
 
 
-def score_paths(prompts: Path, inputs: list[Path]) -> list[tuple[Path, str, dict[str, float]]]:
+def score_paths(prompts: str | Path, inputs: list[Path]) -> list[tuple[Path, str, dict[str, float]]]:
     """Quality tier (low/medium/high) and the three probabilities of each image, by the learned prompts."""
     import json
 
@@ -74,7 +81,12 @@ def score_paths(prompts: Path, inputs: list[Path]) -> list[tuple[Path, str, dict
 
     from clearair.inference import load_image, to_tensor
     from clearair.models.perceiver import TIERS, PerceiverConfig, build_perceiver
+    from synth import storage
 
+    try:
+        prompts = storage.local_copy(prompts)
+    except OSError as err:
+        raise RestoreError(f"cannot read prompts {prompts}: {err}") from None
     if not prompts.is_file():
         raise RestoreError(f"prompts file {prompts} not found (the perceiver stage writes prompts.safetensors)")
     with safe_open(str(prompts), framework="pt") as f:

@@ -86,8 +86,13 @@ class TrackingUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------------------------- URIs and checks
 
 
-def default_tracking_uri(workdir: Path) -> str:
+def default_tracking_uri(workdir: str | Path) -> str:
     """The embedded store of a workdir: ``sqlite:////ABS/workdir/mlflow.db`` (four slashes: an absolute path)."""
+    if str(workdir).startswith("s3://"):
+        raise ValueError(
+            f"workdir {workdir} is in an object store, where an SQLite tracking store cannot live: pass "
+            f"--tracking-uri (an MLflow server such as http://HOST:5000, or sqlite:////local/path/mlflow.db)"
+        )
     return "sqlite:///" + str(Path(workdir).expanduser().resolve() / DB_NAME)
 
 
@@ -790,7 +795,7 @@ def _wait_ready(handle: ServerHandle, timeout: float) -> None:
 
 def start_mlflow_server(
     backend_uri: str,
-    artifacts_dir: Path,
+    artifacts_dir: str | Path,
     port: int | None = None,
     *,
     workers: int = 1,
@@ -806,8 +811,10 @@ def start_mlflow_server(
     port = port or _free_port()
     if not _port_free(port):
         raise RuntimeError(f"port {port} on 127.0.0.1 is in use; pick another port for the mlflow server")
-    artifacts_dir = Path(artifacts_dir).resolve()
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    from synth import storage
+
+    artifacts_dir = storage.resolve(artifacts_dir)  # a directory, or an s3:// prefix the server writes with boto3
+    storage.makedirs(artifacts_dir)
     owns_log = log_path is None
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"mlflow-server-{port}-", suffix=".log")
@@ -815,7 +822,7 @@ def start_mlflow_server(
         log_path = Path(name)
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts_dir), "--workers", str(workers),
+        "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", str(workers),
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as out:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from synth import storage
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from clearair.data import TaskIndex, restoration_loader
+    from clearair.data import TaskIndex, restoration_loader, validation_loader
     from clearair.lightning import RestorerModule
-    from workflows.validation import validation_loader
 
     torch.manual_seed(config["seed"])
     data, fit = config["data"], config["fit"]
@@ -87,7 +87,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         tiers=data.get("tiers", False),
         steps_per_epoch=fit["val_every"] * config["accumulation"],
     )
-    val = validation_loader(data["val"], fit["val_images"], fit["val_crop"])
+    val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
     callbacks = [RayTrainReportCallback()]
     if rank == 0 and config.get("tracking"):
         from workflows.tracking import MetricsCallback, Tracker
@@ -126,18 +126,20 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def fit_restorer(
     name: str,
-    storage: Path,
+    storage_path: str,
     module: dict[str, Any],
     data: dict[str, Any],
     fit: dict[str, Any],
     seed: int,
     tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) one restorer with Ray Train; returns the best checkpoint's local copy and its metrics.
+    """Train (or resume) one restorer with Ray Train; returns the best checkpoint's location and its metrics.
 
     Args:
         name: the Ray Train run name; the same name and storage resume an interrupted run.
-        storage: Ray Train ``storage_path`` (a local or shared directory).
+        storage_path: Ray Train ``storage_path``: a local or shared directory, or an ``s3://`` prefix (Ray Train
+            writes checkpoints there through pyarrow, with the same AWS settings as ``synth.storage``); the best
+            checkpoint is also published there as ``<name>-best.ckpt``.
         module: keyword arguments of ``clearair.lightning.RestorerModule`` (plain types).
         data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``.
         fit: a ``workflows.config.Fit`` as a dict.
@@ -168,7 +170,7 @@ def fit_restorer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage.resolve(storage_path),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val/psnr", checkpoint_score_order="max"
             ),
@@ -177,11 +179,11 @@ def fit_restorer(
     )
     result = trainer.fit()
     best, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/psnr", float("-inf")))
-    local = storage / f"{name}-best.ckpt"
+    dest = storage.join(storage_path, f"{name}-best.ckpt")
     with best.as_directory() as d:
-        shutil.copyfile(Path(d) / "checkpoint.ckpt", local)
+        storage.put_file(Path(d) / "checkpoint.ckpt", dest)
     return {
-        "checkpoint": str(local),
+        "checkpoint": dest,
         "val_psnr": float(metrics.get("val/psnr", float("nan"))),
         "step": int(metrics.get("step", 0)),
         "batch_plan": plan.__dict__,
@@ -189,14 +191,8 @@ def fit_restorer(
 
 
 def restorer_from_checkpoint(path: str | Path):
-    """The trained restorer (eval mode) of a RestorerModule checkpoint, loaded with ``weights_only=True``."""
-    import torch
+    """The trained restorer (eval mode) of a RestorerModule checkpoint (a local path or an ``s3://`` URI),
+    loaded with ``weights_only=True``."""
+    from clearair.lightning import load_restorer
 
-    from clearair.models.factory import build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt["hyper_parameters"]
-    model = build_model(hp["arch"], hp["model_config"], hp["preset"])
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model.eval()
+    return load_restorer(storage.local_copy(path))

@@ -185,7 +185,9 @@ class QualityPerceiver(nn.Module):
         """Load contexts written by :meth:`save_prompts`; fails naming the file when they don't fit this perceiver."""
         from safetensors import safe_open
 
-        path = Path(path)
+        from synth import storage
+
+        path = storage.local_copy(path) if storage.is_remote(path) else Path(path)
         if not path.is_file():
             raise MissingWeightsError(
                 f"Perceiver prompts {path} not found: train them (perceiver stage) or fix the path."

@@ -9,12 +9,10 @@ set (``tiers/*.tar`` + ``tiers/manifest.json``) is a versioned dataset: its mani
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
-from synth.sources import sha256_file
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -22,14 +20,15 @@ from workflows.stages.common import ray_ready
 log = logging.getLogger(__name__)
 
 
-def restore_fold(model, held: list[str], out: Path, fold: int, tile: int | None, overlap: int) -> list[dict]:
+def restore_fold(model, held: list[str], out: str, fold: int, tile: int | None, overlap: int) -> list[dict]:
     """Write one tier shard per held-out shard; returns the shard records (name, sha256, samples, psnr...)."""
     import numpy as np
 
     from clearair.inference import restore_image, to_numpy, to_tensor
     from clearair.metrics import psnr, ssim
     from synth.read import iter_shard
-    from synth.tiers import tier_members, write_tier_shard
+    from synth.tiers import tier_members
+    from synth.writer import publish_tar
 
     records = []
     for url in held:
@@ -41,14 +40,14 @@ def restore_fold(model, held: list[str], out: Path, fold: int, tile: int | None,
                 "key": s["key"],
                 "task": s["meta"]["task"],
                 "fold": fold,
-                "source_shard": Path(url).name,
+                "source_shard": storage.name(url),
                 "psnr": {t: round(v[0], 4) for t, v in scores.items()},
                 "ssim": {t: round(v[1], 5) for t, v in scores.items()},
             }
             members += tier_members(s["key"], s["lq"], medium, s["gt"], meta)
             rows.append(meta)
-        name = f"f{fold}-{Path(url).stem.rsplit('-', 1)[1]}.tar"
-        sha = write_tier_shard(out / name, members)
+        name = f"f{fold}-{storage.name(url).removesuffix('.tar').rsplit('-', 1)[1]}.tar"
+        sha, _ = publish_tar(storage.join(out, name), members)
         records.append(
             {
                 "name": name,
@@ -87,11 +86,11 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     from workflows.tracking import Tracker
     from workflows.training import fit_restorer, restorer_from_checkpoint
 
-    out, data = Path(job["out"]), Path(job["data"])
-    done = out / f"fold{fold}" / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    (out / "tiers").mkdir(parents=True, exist_ok=True)
+    out, data = job["out"], job["data"]
+    done = storage.join(out, f"fold{fold}", "done.json")
+    if storage.exists(done):
+        return storage.read_json(done)
+    storage.makedirs(storage.join(out, "tiers"))
     others = [k for k in range(job["folds"]) if k != fold]
     train, held = shard_paths(data, "train", others), shard_paths(data, "train", [fold])
     tr = job["tracking"]
@@ -99,7 +98,7 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     run_id = tracker.start_run(f"crossval-fold{fold}", parent_run_id=tr["run_id"], tags={"clearair.fold": str(fold)})
     fit = fit_restorer(
         f"fold{fold}",
-        out / "ray",
+        storage.join(out, "ray"),
         job["module"],
         {"train": train, "val": job["val"], "tasks": job["tasks"]},
         job["fit"],
@@ -107,11 +106,11 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
         {**tr, "run_id": run_id},
     )
     model = restorer_from_checkpoint(fit["checkpoint"])
-    shards = restore_fold(model, held, out / "tiers", fold, job["tile"], job["overlap"])
+    shards = restore_fold(model, held, storage.join(out, "tiers"), fold, job["tile"], job["overlap"])
     record = {
         "fold": fold,
-        "trained_on": [Path(u).name for u in train],
-        "restored": [Path(u).name for u in held],
+        "trained_on": [storage.name(u) for u in train],
+        "restored": [storage.name(u) for u in held],
         "tier_shards": shards,
         "checkpoint": fit["checkpoint"],
         "val_psnr": fit["val_psnr"],
@@ -131,10 +130,7 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     )
     tracker.close()
     tracker.end_run(run_id, "FINISHED")
-    done.parent.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_name(".done.json.partial")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(done)
+    storage.write_json(done, record)
     return record
 
 
@@ -180,12 +176,12 @@ def tier_manifest(records: list[dict[str, Any]], source_digest: str) -> dict[str
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     from synth.read import shard_paths
 
-    data = Path(inputs["synth"].outputs["data"])
-    manifest = json.loads((data / "manifest.json").read_text())
+    data = inputs["synth"].outputs["data"]
+    manifest = storage.read_json(storage.join(data, "manifest.json"))
     folds = cfg.synth.splits.folds
     job = {
-        "out": str(ctx.out),
-        "data": str(data),
+        "out": ctx.out,
+        "data": data,
         "folds": folds,
         "val": shard_paths(data, "val"),
         "tasks": sorted(manifest["counts"]["task"]),
@@ -198,10 +194,10 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     }
     ray_ready(ctx)
     records = run_folds(folds, job, cfg.crossval.parallel_folds)
-    tiers = ctx.out / "tiers"
+    tiers = storage.join(ctx.out, "tiers")
     manifest_out = tier_manifest(records, inputs["synth"].outputs["manifest_sha256"])
-    (tiers / "manifest.json").write_text(json.dumps(manifest_out, indent=1, sort_keys=True))
-    digest = sha256_file(tiers / "manifest.json")
+    storage.write_json(storage.join(tiers, "manifest.json"), manifest_out)  # published after every tier shard
+    digest = storage.sha256(storage.join(tiers, "manifest.json"))
     tracker = ctx.tracker
     tracker.log_dataset(
         ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "training"
@@ -210,11 +206,11 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         ctx.run_id,
         "tiers",
         digest,
-        str(tiers),
+        tiers,
         "output",
         {"samples": sum(s["samples"] for s in manifest_out["shards"])},
     )
-    tracker.log_artifact(ctx.run_id, tiers / "manifest.json", "tiers")
+    tracker.log_artifact(ctx.run_id, storage.local_copy(storage.join(tiers, "manifest.json")), "tiers")
     n = sum(s["samples"] for s in manifest_out["shards"])
     metrics = {
         "tier_samples": n,
@@ -222,4 +218,4 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "psnr_medium": sum(r["psnr_medium"] * sum(s["samples"] for s in r["tier_shards"]) for r in records) / max(n, 1),
     }
     tracker.log_metrics(ctx.run_id, metrics, step=0)
-    return ctx.result({"tiers": str(tiers), "tiers_sha256": digest}, metrics)
+    return ctx.result({"tiers": tiers, "tiers_sha256": digest}, metrics)

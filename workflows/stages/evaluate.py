@@ -8,9 +8,9 @@ macro (the mean of per-task means) across them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 
@@ -19,10 +19,10 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     from synth.read import shard_paths
     from workflows.evaluation import evaluate_model, write_figure, write_tables
 
-    data = Path(inputs["synth"].outputs["data"])
+    data = inputs["synth"].outputs["data"]
     sets: dict[str, Any] = {f"synthetic-{split}": shard_paths(data, split) for split in cfg.evaluate.splits}
     results = evaluate_model(
-        Path(inputs["train"].outputs["model"]),
+        storage.local_tree(inputs["train"].outputs["model"]),
         sets,
         [b.model_dump() for b in cfg.evaluate.benchmarks],
         tile=cfg.evaluate.tile,
@@ -30,12 +30,15 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         max_images=cfg.evaluate.max_images,
         seed=cfg.seed,
     )
-    tables = write_tables(results, ctx.out)
-    figure = write_figure(results, ctx.out / "figure.png", cfg.evaluate.figure_crop)
     tracker = ctx.tracker
-    for path in (*tables, figure):
-        if path is not None:
-            tracker.log_artifact(ctx.run_id, path)
+    with storage.local_output(ctx.out) as local:
+        tables = write_tables(results, local)
+        figure = write_figure(results, local / "figure.png", cfg.evaluate.figure_crop)
+        for path in (*tables, figure):
+            if path is not None:
+                tracker.log_artifact(ctx.run_id, path)
+    tables = [storage.join(ctx.out, p.name) for p in tables]
+    figure = storage.join(ctx.out, figure.name) if figure is not None else None
     metrics = results["metrics"]
     tracker.log_metrics(ctx.run_id, metrics, step=0)
     return ctx.result({"table_md": str(tables[0]), "table_csv": str(tables[1]), "figure": str(figure)}, metrics)

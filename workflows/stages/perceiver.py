@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready, remote_call
@@ -34,7 +34,6 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
     from clearair.lightning import PerceiverModule
     from workflows.tracking import MetricsCallback, Tracker
 
-    out = Path(job["out"])
     tr = job["tracking"]
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
     module = PerceiverModule(
@@ -49,37 +48,41 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
     batch = -(-job["batch"] // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
     train = tier_loader(job["train"], batch, size, tasks, seed=job["seed"], view=job["view"])
     val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0, balanced=False, view=job["view"])
-    trainer = L.Trainer(
-        max_steps=job["steps"],
-        max_epochs=-1,
-        accelerator="gpu" if job["use_gpu"] else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[MetricsCallback(tracker, tr["run_id"])],
-        default_root_dir=str(out / "lightning"),
-        check_val_every_n_epoch=1,
-    )
-    trainer.fit(module, train, val)
-    trainer.validate(module, val, verbose=False)
-    prompts = module.export_prompts(out / "prompts.safetensors")
-    confusion = module.confusion.tolist()
+    with storage.local_output(job["out"], keep=("prompts.safetensors",)) as out:  # Lightning's files stay local
+        trainer = L.Trainer(
+            max_steps=job["steps"],
+            max_epochs=-1,
+            accelerator="gpu" if job["use_gpu"] else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[MetricsCallback(tracker, tr["run_id"])],
+            default_root_dir=str(out / "lightning"),
+            check_val_every_n_epoch=1,
+        )
+        trainer.fit(module, train, val)
+        trainer.validate(module, val, verbose=False)
+        module.export_prompts(out / "prompts.safetensors")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     tracker.close()
-    return {"prompts": str(prompts), "confusion": confusion, "metrics": metrics}
+    return {
+        "prompts": storage.join(job["out"], "prompts.safetensors"),
+        "confusion": module.confusion.tolist(),
+        "metrics": metrics,
+    }
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    tiers = Path(inputs["crossval"].outputs["tiers"])
-    manifest = json.loads((tiers / "manifest.json").read_text())
-    urls = [str(tiers / s["name"]) for s in manifest["shards"] if s["samples"]]
+    tiers = inputs["crossval"].outputs["tiers"]
+    manifest = storage.read_json(storage.join(tiers, "manifest.json"))
+    urls = [storage.join(tiers, s["name"]) for s in manifest["shards"] if s["samples"]]
     held = max(1, len(urls) // 4) if len(urls) > 1 else 0
     train, val = (urls[:-held], urls[-held:]) if held else (urls, urls)
     job = {
-        "out": str(ctx.out),
+        "out": ctx.out,
         "perceiver": perceiver_config(cfg),
         "lr": cfg.perceiver.lr,
         "min_lr": cfg.perceiver.min_lr,
@@ -97,12 +100,12 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     ray_ready(ctx)
     res = remote_call(fit_perceiver, job, num_cpus=1, num_gpus=1 if cfg.perceiver.use_gpu else 0)
     tracker = ctx.tracker
-    tracker.log_dataset(ctx.run_id, "tiers", inputs["crossval"].outputs["tiers_sha256"], str(tiers), "training")
+    tracker.log_dataset(ctx.run_id, "tiers", inputs["crossval"].outputs["tiers_sha256"], tiers, "training")
     tracker.log_dict(
         ctx.run_id,
         {"labels": ["low", "medium", "high"], "rows_true_cols_pred": res["confusion"]},
         "confusion_matrix.json",
     )
-    tracker.log_artifact(ctx.run_id, Path(res["prompts"]))
+    tracker.log_artifact(ctx.run_id, storage.local_copy(res["prompts"]))
     tracker.log_metrics(ctx.run_id, res["metrics"], step=cfg.perceiver.steps)
     return ctx.result({"prompts": res["prompts"], "perceiver_config": json.dumps(job["perceiver"])}, res["metrics"])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -43,7 +43,7 @@ def precompute_shard(url: str, out: str, spec_json: str, allow_random: bool) -> 
     from clearair.inference import to_tensor
     from synth.imageio import decode_png
     from synth.read import iter_raw
-    from synth.tiers import write_tier_shard
+    from synth.writer import publish_tar
 
     provider = _provider(spec_json, allow_random)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +60,8 @@ def precompute_shard(url: str, out: str, spec_json: str, allow_random: bool) -> 
             raw[f"prior.{name}.npy"] = buf.getvalue()
         members += [(f"{key}.{suffix}", raw[suffix]) for suffix in sorted(raw)]
         samples += 1
-    path = Path(out)
-    return {"name": path.name, "sha256": write_tier_shard(path, members), "samples": samples}
+    sha, _ = publish_tar(out, members)
+    return {"name": storage.name(out), "sha256": sha, "samples": samples}
 
 
 def skip_reason(cfg: PipelineConfig) -> str | None:
@@ -86,16 +86,21 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "on_the_fly", "clearair.priors_reason": reason})
         return ctx.result({}, {}, skipped=reason)
     spec = json.dumps(resolved_priors(cfg.train.priors, inputs), sort_keys=True)
-    urls = shard_paths(Path(inputs["synth"].outputs["data"]), "train")
-    out = ctx.out / "shards"
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in urls if not (out / Path(u).name).exists()]  # published shards of an interrupted run stay
+    urls = shard_paths(inputs["synth"].outputs["data"], "train")
+    out = storage.join(ctx.out, "shards")
+    storage.makedirs(out)
+    done = set(storage.listdir(out))
+    todo = [u for u in urls if storage.name(u) not in done]  # published shards of an interrupted run stay
     ray_ready(ctx)
     resources = {"num_gpus": 1} if cfg.priors.use_gpu else {"num_cpus": 1}
     task = ray.remote(max_retries=2, **resources)(precompute_shard)
-    records = ray.get([task.remote(u, str(out / Path(u).name), spec, cfg.train.allow_random_frozen) for u in todo])
+    records = ray.get(
+        [task.remote(u, storage.join(out, storage.name(u)), spec, cfg.train.allow_random_frozen) for u in todo]
+    )
     samples = sum(r["samples"] for r in records)
     ctx.tracker.log_metrics(ctx.run_id, {"shards_written": len(records), "samples": samples}, step=0)
     ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "precomputed"})
-    return ctx.result({"train_shards": json.dumps(sorted(str(out / Path(u).name) for u in urls))},
-                      {"shards": len(urls), "samples_computed": samples})
+    return ctx.result(
+        {"train_shards": json.dumps(sorted(storage.join(out, storage.name(u)) for u in urls))},
+        {"shards": len(urls), "samples_computed": samples},
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synth.sources import sha256_file
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -12,23 +12,23 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     from synth.config import SynthConfig
     from synth.run import RunOptions, synthesize
 
-    data = ctx.out / "data"
+    data = storage.join(ctx.out, "data")
     ray_ready(ctx)
-    synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=str(data))
+    synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=data)
     manifest = synthesize(synth_cfg, RunOptions(ray_address=ctx.ray_address, progress=ctx.progress))
-    digest = sha256_file(data / "manifest.json")
+    digest = storage.sha256(storage.join(data, "manifest.json"))
     tracker = ctx.tracker
     tracker.log_dataset(
         ctx.run_id,
         "synth",
         digest,
-        str(data),
+        data,
         "training",
         {"samples": manifest["samples"], "shards": len(manifest["shards"])},
     )
-    tracker.log_artifact(ctx.run_id, data / "manifest.json")
-    if (data / "contact_sheet.png").exists():
-        tracker.log_artifact(ctx.run_id, data / "contact_sheet.png")
+    for name in ("manifest.json", "contact_sheet.png"):
+        if storage.exists(path := storage.join(data, name)):
+            tracker.log_artifact(ctx.run_id, storage.local_copy(path))
     splits = manifest["counts"]["split"]
     metrics = {
         "samples": manifest["samples"],
@@ -36,4 +36,4 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         **{f"samples_{k}": v for k, v in splits.items()},
     }
     tracker.log_metrics(ctx.run_id, metrics, step=0)
-    return ctx.result({"data": str(data), "manifest_sha256": digest}, metrics)
+    return ctx.result({"data": data, "manifest_sha256": digest}, metrics)

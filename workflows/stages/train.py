@@ -8,9 +8,9 @@ safetensors + config (with the priors it needs and its provenance) and registere
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -53,12 +53,12 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
 def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
     from synth.read import shard_paths
 
-    data = Path(inputs["synth"].outputs["data"])
-    tasks = sorted(json.loads((data / "manifest.json").read_text())["counts"]["task"])
+    data = inputs["synth"].outputs["data"]
+    tasks = sorted(storage.read_json(storage.join(data, "manifest.json"))["counts"]["task"])
     if cfg.train.loss == "perceive_ir":
-        tiers = Path(inputs["crossval"].outputs["tiers"])
-        names = [s["name"] for s in json.loads((tiers / "manifest.json").read_text())["shards"] if s["samples"]]
-        train, with_tiers = [str(tiers / n) for n in names], True
+        tiers = inputs["crossval"].outputs["tiers"]
+        names = [s["name"] for s in storage.read_json(storage.join(tiers, "manifest.json"))["shards"] if s["samples"]]
+        train, with_tiers = [storage.join(tiers, n) for n in names], True
     elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
         train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
     else:
@@ -72,7 +72,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
 
     module, data = module_args(cfg, inputs), training_data(cfg, inputs)
     ray_ready(ctx)
-    fit = fit_restorer("train", ctx.out / "ray", module, data, cfg.train.fit.model_dump(), cfg.seed, ctx.tracking())
+    fit = fit_restorer(
+        "train", storage.join(ctx.out, "ray"), module, data, cfg.train.fit.model_dump(), cfg.seed, ctx.tracking()
+    )
     model = restorer_from_checkpoint(fit["checkpoint"])
     extra = {
         "priors": module["priors"],
@@ -81,7 +83,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "allow_random_frozen": cfg.train.allow_random_frozen,
         "trained": {"val_psnr": fit["val_psnr"], "step": fit["step"], "batch_plan": fit["batch_plan"]},
     }
-    export = export_model(model, ctx.out / "model", extra=extra)
+    export = storage.join(ctx.out, "model")
+    with storage.local_output(export) as local:
+        export_model(model, local, extra=extra)
     tracker = ctx.tracker
     if data["tiers"]:
         tracker.log_dataset(
@@ -94,9 +98,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     tracker.log_dataset(
         ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "validation"
     )
-    version = tracker.register_model(ctx.run_id, Path(export), cfg.tracking.registered_model, cfg.tracking.alias)
+    version = tracker.register_model(
+        ctx.run_id, storage.local_tree(export), cfg.tracking.registered_model, cfg.tracking.alias
+    )
     metrics = {"best_val_psnr": fit["val_psnr"], "best_step": fit["step"]}
     tracker.log_metrics(ctx.run_id, metrics, step=cfg.train.fit.steps)
-    return ctx.result(
-        {"model": str(export), "checkpoint": fit["checkpoint"], "registered_version": str(version)}, metrics
-    )
+    return ctx.result({"model": export, "checkpoint": fit["checkpoint"], "registered_version": str(version)}, metrics)
