@@ -148,6 +148,7 @@ def test_tiny_pipeline_on_a_bucket_tracked_by_a_postgres_backed_server(
 
     from mlflow import MlflowClient
 
+    from tests.test_pipeline_e2e import check_lineage
     from workflows.tracking import start_mlflow_server
 
     tiny = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
@@ -158,6 +159,7 @@ def test_tiny_pipeline_on_a_bucket_tracked_by_a_postgres_backed_server(
                "--no-progress"]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
         assert res.returncode == 0, res.stderr[-3000:]
+        check_lineage(server.uri, workdir)
         again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert again.returncode == 0 and again.stdout.count("cached") == 6, again.stdout[-2000:]
 
@@ -165,12 +167,6 @@ def test_tiny_pipeline_on_a_bucket_tracked_by_a_postgres_backed_server(
         exp = client.get_experiment_by_name("tiny")
         runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=500)}
         assert all(r.info.status == "FINISHED" for r in runs.values())
-        for stage in ("synth", "crossval", "perceiver", "priors", "train", "evaluate"):
-            assert runs[stage].data.tags["mlflow.parentRunId"] == runs["tiny"].info.run_id, stage
-        train = runs["train"]
-        assert client.get_metric_history(train.info.run_id, "train/loss")
-        champion = client.get_model_version_by_alias("tiny-restorer", "champion")
-        assert champion.run_id == train.info.run_id
         artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
         assert any(p.endswith(".md") for p in artifacts)
 
@@ -182,6 +178,12 @@ def test_tiny_pipeline_on_a_bucket_tracked_by_a_postgres_backed_server(
     assert storage.is_file(storage.join(stage, "ray", "train-best.ckpt"))
     assert any(n.startswith("checkpoint_") for n in storage.listdir(storage.join(stage, "ray", "train")))
     assert _objects(f"{s3_bucket}/mlartifacts/")  # the server kept artifacts in the bucket
+    (synth_dir,) = [e["dir"] for e in wd.entries() if e["dir"].startswith("synth-")]
+    photo = storage.local_copy(storage.join(workdir, "stages", synth_dir, "data", "contact_sheet.png"))
+    restore = [sys.executable, "-m", "workflows.cli", "restore", storage.join(stage, "model"), str(photo),
+               "--out", str(tmp_path / "restored"), "--tile", "64", "--overlap", "16"]  # fmt: skip
+    res = subprocess.run(restore, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and (tmp_path / "restored" / "contact_sheet.png").exists(), res.stderr[-2000:]
     dbname = postgres_uri.rsplit("/", 1)[1]
     conn = postgres_cluster.connect(dbname)
     try:
