@@ -22,7 +22,6 @@ import numpy as np
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-
 def demo_images(n: int, size: int = 256) -> list[np.ndarray]:
     """``n`` distinct ``size`` crops at seeded random positions of scikit-image's photos (long side 1024)."""
     import skimage
@@ -86,6 +85,25 @@ def full_synthesis(images, steps_for, level: int, tmp: Path) -> tuple[float, lis
     return len(images) / (time.perf_counter() - t), pairs
 
 
+def timed_synthesis(cfg, options, shards_only: bool = False) -> tuple[float, int, int]:
+    """Seconds, samples and shards of one run into a fresh ``cfg.out``: a whole ``synthesize`` (discovery, planning,
+    shards, manifest and contact sheet) or, with ``shards_only``, its shard phase alone (the Ray tasks)."""
+    from synth.distribute import run_shards
+    from synth.recipes import load_recipe
+    from synth.run import check_writable, plan, synthesize
+
+    if not shards_only:
+        t = time.perf_counter()
+        manifest = synthesize(cfg, options)
+        return time.perf_counter() - t, manifest["samples"], len(manifest["shards"])
+    recipe, out = load_recipe(cfg.recipe), str(Path(cfg.out).resolve())
+    check_writable(out)
+    pending, _ = plan(cfg, recipe, out, {})
+    t = time.perf_counter()
+    states = list(run_shards(pending, cfg, recipe, out, options))
+    return time.perf_counter() - t, sum(s["samples"] for s in states), len(states)
+
+
 def ray_scaling(n: int, tmp: Path) -> dict[str, tuple[float, float]]:
     """Samples/s with 1 and 2 workers: of the shard phase alone (Ray tasks writing shards) and of whole
     ``synthesize`` runs (plus discovery, planning, manifest and contact sheet on the driver), after a warm-up run
@@ -94,40 +112,36 @@ def ray_scaling(n: int, tmp: Path) -> dict[str, tuple[float, float]]:
     from PIL import Image
 
     from synth.config import validate_config
-    from synth.distribute import WORKER_ENV, run_shards
-    from synth.recipes import load_recipe
-    from synth.run import RunOptions, check_writable, plan, synthesize
+    from synth.distribute import WORKER_ENV
+    from synth.run import RunOptions
 
     src = tmp / "src"
     src.mkdir()
     for i, img in enumerate(demo_images(n)):
         Image.fromarray(img).save(src / f"{i:04d}.png", compress_level=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    recipe = load_recipe("mixed")
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV}
+    )
     rates: dict[str, list[float]] = {"shards": [], "whole": []}
     for i, workers in enumerate((2, 1, 2, 1, 2)):
-        cfg = validate_config({"sources": [{"path": str(src)}], "recipe": "mixed", "out": str(tmp / f"w{i}"),
-                               "samples_per_shard": 16, "patch_size": 128, "max_side": None})
-        options = RunOptions(num_workers=workers, progress=False)
-        if i < 3:  # warm-up, then whole runs
-            t = time.perf_counter()
-            samples = synthesize(cfg, options)["samples"]
-            rates["whole"].append(samples / (time.perf_counter() - t))
-            continue
-        out = Path(cfg.out)
-        check_writable(out)
-        pending, _ = plan(cfg, recipe, out, {})
-        t = time.perf_counter()
-        samples = sum(s["samples"] for s in run_shards(pending, cfg, recipe, str(out), options))
-        rates["shards"].append(samples / (time.perf_counter() - t))
+        source = {"sources": [{"path": str(src)}], "max_side": None}
+        cfg = validate_config({**source, "recipe": "mixed", "out": str(tmp / f"w{i}"), "samples_per_shard": 16})
+        phase = "whole" if i < 3 else "shards"  # warm-up, then whole runs, then shard phases
+        seconds, samples, _ = timed_synthesis(cfg, RunOptions(num_workers=workers, progress=False), phase == "shards")
+        rates[phase].append(samples / seconds)
     ray.shutdown()
     return {"whole": (rates["whole"][1], rates["whole"][2]), "shards": (rates["shards"][0], rates["shards"][1])}
 
 
-def main() -> None:
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # glibc reads these at start: re-exec with the workers' settings
+def reexec_with_worker_malloc() -> None:
+    """glibc reads its malloc settings at start: re-exec this script with those of the Ray workers."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         os.environ.update({"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "268435456"})
         os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def main() -> None:
+    reexec_with_worker_malloc()
     import cv2
 
     from synth.degradations import DEGRADATIONS
@@ -161,8 +175,11 @@ def main() -> None:
         if not args.skip_ray:
             for phase, (one, two) in ray_scaling(args.ray_n, tmp).items():
                 what = "shard phase (Ray tasks)" if phase == "shards" else "whole synthesize() run"
-                print(f"Ray, mixed recipe, {args.ray_n} images, {what}: 1 worker {one:.1f} samples/s, "
-                      f"2 workers {two:.1f} samples/s, speed-up {two / one:.2f}x")
+                print(
+                    f"Ray, mixed recipe, {args.ray_n} images, {what}: 1 worker {one:.1f} samples/s, "
+                    f"2 workers {two:.1f} samples/s, speed-up {two / one:.2f}x"
+                )
+
 
 if __name__ == "__main__":
     main()
