@@ -253,12 +253,16 @@ def local_copy(location: str | Path) -> Path:
     """A local path to read ``location`` with libraries that need one (torch.load, safetensors).
 
     Local files are returned as they are. Remote ones are downloaded once into the cache, under a name derived
-    from the URI and the object's size (published objects are never rewritten in place, so that is enough).
+    from the URI, the object's size and its modification time, so an object published again (a stage rerun with
+    ``--from``) is fetched again.
     """
     if not is_remote(location):
         return Path(location)
     location = str(location)
-    digest = hashlib.sha256(f"{location}\0{size(location)}".encode()).hexdigest()[:24]
+    info, pafs = _info(location)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location}: no such object")
+    digest = hashlib.sha256(f"{location}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:24]
     path = cache_dir() / "objects" / digest / name(location)
     if not path.exists():
         get_file(location, path)
@@ -319,23 +323,21 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
-def _walk(location: str) -> list[tuple[str, int]]:
-    """(path relative to ``location``, size) of every file under it."""
-    if not is_remote(location):
-        root = Path(location)
-        return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+def _walk(location: str) -> list[tuple[str, int, int]]:
+    """(path relative to ``location``, size, modification time in ns) of every object under an s3:// prefix."""
     import pyarrow.fs as pafs
 
     fs, path = _remote(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
-    return sorted((i.path[len(path) + 1 :], int(i.size)) for i in infos if i.type == pafs.FileType.File)
+    files = [(i.path[len(path) + 1 :], int(i.size), i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File]
+    return sorted(files)
 
 
 def local_tree(location: str | Path) -> Path:
     """A local directory with the files under ``location`` (e.g. an exported model: weights + config).
 
     Local directories are returned as they are; remote prefixes are downloaded once into the cache, under a
-    name derived from the URI and the names and sizes of its files.
+    name derived from the URI and the names, sizes and modification times of its objects.
     """
     if not is_remote(location):
         return Path(location)
@@ -345,7 +347,7 @@ def local_tree(location: str | Path) -> Path:
         raise FileNotFoundError(f"{location}: no objects under this prefix")
     digest = hashlib.sha256(json.dumps([location, files]).encode()).hexdigest()[:24]
     root = cache_dir() / "trees" / digest
-    for rel, _ in files:
+    for rel, _, _ in files:
         if not (root / rel).exists():
             get_file(join(location, rel), root / rel)
     return root

@@ -59,6 +59,20 @@ def test_a_failed_block_publishes_nothing(location):
         assert storage.listdir(storage.join(location, "out")) == []
 
 
+def test_cached_copies_follow_a_republished_object(s3_bucket):
+    """A stage rerun publishes a checkpoint of the same size under the same name: readers must see the new one."""
+    uri = storage.join(s3_bucket, "ray", "train-best.ckpt")
+    storage.write_bytes(uri, b"A" * 100)
+    storage.write_bytes(storage.join(s3_bucket, "model", "w.bin"), b"A" * 100)
+    assert storage.local_copy(uri).read_bytes() == b"A" * 100
+    assert (storage.local_tree(storage.join(s3_bucket, "model")) / "w.bin").read_bytes() == b"A" * 100
+    time.sleep(1.1)  # S3 timestamps have one-second resolution
+    storage.write_bytes(uri, b"B" * 100)
+    storage.write_bytes(storage.join(s3_bucket, "model", "w.bin"), b"B" * 100)
+    assert storage.local_copy(uri).read_bytes() == b"B" * 100
+    assert (storage.local_tree(storage.join(s3_bucket, "model")) / "w.bin").read_bytes() == b"B" * 100
+
+
 def test_errors_name_the_location(s3_bucket):
     missing = storage.join(s3_bucket, "no", "such.json")
     with pytest.raises(FileNotFoundError, match=missing):
