@@ -270,6 +270,25 @@ def test_kuberay_raycluster() -> None:
     assert pvc["metadata"]["name"] == "clearair-shared" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+def test_kuberay_s3_settings_come_only_from_an_optional_secret() -> None:
+    """An s3:// workdir needs the AWS settings on every node, never as literals, and a volume-only setup must still
+    start without the Secret."""
+    for path, name in (
+        (CLUSTER / "kuberay" / "raycluster.yaml", "RayCluster"),
+        (CLUSTER / "kuberay" / "rayjob.yaml", "RayJob"),
+    ):
+        spec = kind(path, name)["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                aws = [e for e in container.get("env", []) if e["name"].startswith("AWS_")]
+                names = {e["name"] for e in aws}
+                assert names == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"}
+                for e in aws:
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    assert "value" not in e and ref["name"] == "clearair-s3" and ref["optional"] is True
+
+
 def test_kuberay_rayjob() -> None:
     job = kind(CLUSTER / "kuberay" / "rayjob.yaml", "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
