@@ -58,7 +58,7 @@ def precompute_shard(url: str, out: str, spec_json: str, allow_random: bool) -> 
             buf = io.BytesIO()
             np.save(buf, value[0].float().cpu().numpy(), allow_pickle=False)
             raw[f"prior.{name}.npy"] = buf.getvalue()
-        members += [(f"{key}.{suffix}", raw[suffix]) for suffix in sorted(raw)]
+        members += [(f"{key}.{suffix}", raw[suffix]) for suffix in sorted(raw) if not suffix.startswith("__")]
         samples += 1
     sha, _ = publish_tar(out, members)
     return {"name": storage.name(out), "sha256": sha, "samples": samples}
