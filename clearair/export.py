@@ -7,7 +7,7 @@ An export directory holds exactly two files and nothing pickled:
   "weights_sha256", "extra"}``, enough to rebuild the network with :func:`clearair.models.factory.build_model`;
   ``extra`` holds the caller's JSON fields (the priors the model needs, training provenance).
 
-Both are written under temporary names in the directory and moved into place with ``os.replace``, weights first
+Both are published all-or-nothing (:func:`synth.storage.staged`: a temporary name, then a rename), weights first
 and config last (an existing config is removed before new weights land), so a directory with ``config.json`` is
 complete and one without it is refused. A checkpoint is one torch file of plain types and tensors (hyperparameters
 as dicts, lists, strings and numbers), so ``torch.load(path, weights_only=True)`` reads it.
@@ -16,7 +16,6 @@ as dicts, lists, strings and numbers), so ``torch.load(path, weights_only=True)`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from torch import nn
 
 import clearair
 from clearair.models.factory import build_model, config_to_dict
+from synth import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ class ExportFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -74,14 +70,6 @@ def _config_dict(model: nn.Module) -> dict[str, Any] | None:
     if isinstance(cfg, dict):
         return cfg
     return config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _listed(keys: list[str]) -> str:
@@ -134,33 +122,20 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
     weights, config = out / WEIGHTS_NAME, out / CONFIG_NAME
     config.unlink(missing_ok=True)  # the directory is incomplete until the new config lands
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = _tmp_name(weights)
-    try:
+    with storage.staged(weights) as tmp:
         save_file(state, tmp, metadata={"format": MODEL_FORMAT, "arch": arch})
-        os.replace(tmp, weights)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {
         "format": MODEL_FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "config": cfg,
         "clearair_version": clearair.__version__,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": storage.sha256(weights),
         "extra": extra,
     }
-    _write_json_atomic(config, meta)
+    storage.write_text(config, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     log.info("exported %s (%d tensors) to %s", arch, len(state), out)
     return out
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -201,7 +176,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     if not weights.is_file():
         raise ExportFormatError(f"{root} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     expected_sha = meta.get("weights_sha256")
-    if expected_sha is not None and _sha256(weights) != expected_sha:
+    if expected_sha is not None and storage.sha256(weights) != expected_sha:
         raise ExportFormatError(f"{weights} does not match the checksum in {root / CONFIG_NAME} (replaced or damaged)")
     try:
         model = build_model(meta["arch"], config=meta["config"])
@@ -250,12 +225,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with storage.staged(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -13,7 +13,7 @@ from synth.plan import SampleSpec
 from synth.read import iter_shard
 from synth.recipes import Recipe
 from synth.run import SynthError, load_states, read_manifest
-from synth.sources import SourceItem, demo_item, sha256_file
+from synth.sources import SourceItem, demo_item
 from synth.writer import produce
 
 
@@ -45,7 +45,7 @@ def _source_item(cfg: SynthConfig, meta: dict) -> SourceItem:
             continue
         gt, lq = root / src["gt"], (root / src["lq"]) if src["lq"] else None
         for path, want in ((gt, src["gt_sha256"]), (lq, src["lq_sha256"])):
-            if path is not None and (not path.exists() or sha256_file(path) != want):
+            if path is not None and (not path.exists() or storage.sha256(path) != want):
                 raise SynthError(f"source file {path} is missing or changed since synthesis")
         depth = gt.with_name(gt.stem + ".depth.npy")
         return SourceItem(

@@ -82,14 +82,12 @@ def load_states(out: str) -> dict[str, dict]:
     """State records of published shards, by shard stem; a record whose tar is missing or has another size than
     the one recorded does not count (the shard is written again)."""
     states = {}
-    shards = set(storage.listdir(storage.join(out, "shards")))
+    shards = storage.file_sizes(storage.join(out, "shards"))  # one listing, not a request per shard
     for entry in storage.listdir(storage.join(out, "state")):
         if not entry.endswith(".json") or entry.startswith(".") or entry in ("config.json", "plan.json"):
             continue
         state = storage.read_json(storage.join(out, "state", entry))
-        if state["name"] not in shards:
-            continue
-        if "bytes" in state and storage.size(storage.join(out, "shards", state["name"])) != state["bytes"]:
+        if state["name"] not in shards or state.get("bytes", shards[state["name"]]) != shards[state["name"]]:
             continue
         states[entry.removesuffix(".json")] = state
     return states

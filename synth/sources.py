@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synth import storage
 from synth.config import DemoConfig, SourceSpec
 from synth.imageio import IMAGE_EXTENSIONS, BadImage, fit_long_side, image_size, load_rgb
 
@@ -95,14 +96,6 @@ class SourceItem:
 class Discovery:
     items: list[SourceItem]
     skipped: list[dict[str, str]]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_image(path: Path) -> bool:
@@ -212,7 +205,7 @@ def _clean_files(root: Path, consumed: set[Path], skipped: list[dict[str, str]])
 
 def _hash_all(paths: list[Path]) -> dict[Path, str]:
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(paths, pool.map(sha256_file, paths), strict=True))
+        return dict(zip(paths, pool.map(storage.sha256, paths), strict=True))
 
 
 def _depth_for(path: Path) -> str | None:
@@ -258,8 +251,10 @@ def demo_crops(cfg: DemoConfig) -> list[tuple[str, int, int, np.ndarray]]:
 
 def discover_demo(cfg: DemoConfig) -> list[SourceItem]:
     """The embedded default: tiles of photographs that ship inside scikit-image's wheel."""
-    return [demo_item(f"skimage:{photo}#{y},{x}", hashlib.sha256(crop.tobytes()).hexdigest())
-            for photo, y, x, crop in demo_crops(cfg)]
+    return [
+        demo_item(f"skimage:{photo}#{y},{x}", hashlib.sha256(crop.tobytes()).hexdigest())
+        for photo, y, x, crop in demo_crops(cfg)
+    ]
 
 
 def demo_item(ref: str, digest: str) -> SourceItem:

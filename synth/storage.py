@@ -177,18 +177,40 @@ def _verify(location: str, expected: int) -> None:
         raise StorageError(f"{location}: wrote {expected} bytes but the store holds {got}; not published")
 
 
+@contextmanager
+def staged(location: str | Path) -> Iterator[Path]:
+    """A local file to write ``location``'s content into; published all-or-nothing when the block ends without
+    an error, deleted otherwise.
+
+    Locally it is ``.NAME.partial`` beside the final name, renamed into place; for an object store it lies in
+    scratch space and is uploaded and verified.
+    """
+    location = str(location)
+    if is_remote(location):
+        scratch: Path | None = scratch_dir("staged-")
+        tmp = scratch / name(location)
+    else:
+        scratch = None
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(location).with_name(f".{name(location)}.partial")
+    try:
+        yield tmp
+        put_file(tmp, location, move=True)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Publish ``data`` at ``location`` all-or-nothing (see the module docstring)."""
     location = str(location)
     if not is_remote(location):
-        path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "wb") as f:
+        with staged(location) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
         return
     fs, path = _remote(location)
     try:
@@ -279,6 +301,18 @@ def listdir(location: str | Path) -> list[str]:
     fs, path = _remote(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     return sorted(name(i.path) for i in infos)
+
+
+def file_sizes(location: str | Path) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly under ``location``, from one listing (empty when there is nothing)."""
+    if not is_remote(location):
+        p = Path(location)
+        return {c.name: c.stat().st_size for c in p.iterdir() if c.is_file()} if p.is_dir() else {}
+    import pyarrow.fs as pafs
+
+    fs, path = _remote(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return {name(i.path): int(i.size) for i in infos if i.type == pafs.FileType.File}
 
 
 def tree_size(location: str | Path) -> int:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -182,26 +181,12 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
 def publish_tar(location: str, members: list[tuple[str, bytes]]) -> tuple[str, int]:
     """Write a deterministic tar and publish it at ``location`` all-or-nothing; returns (sha256, bytes).
 
-    Locally the tar is written beside its final name (``.NAME.partial``) and renamed; for an object store it is
-    written to local scratch space, uploaded and verified, then the scratch copy is removed.
+    See :func:`synth.storage.staged`: beside its final name and renamed, or in scratch space and uploaded.
     """
-    if storage.is_remote(location):
-        scratch = storage.scratch_dir("tar-")
-        tmp = scratch / storage.name(location)
-    else:
-        scratch = None
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(location).with_name(f".{storage.name(location)}.partial")
-    try:
+    with storage.staged(location) as tmp:
         sha = write_tar(tmp, members)
         n = tmp.stat().st_size
-        storage.put_file(tmp, location, move=True)
-        return sha, n
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+    return sha, n
 
 
 def write_shard(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str, extra: dict | None = None) -> dict:

@@ -187,7 +187,7 @@ class QualityPerceiver(nn.Module):
 
         from synth import storage
 
-        path = storage.local_copy(path) if storage.is_remote(path) else Path(path)
+        path = storage.local_copy(path)
         if not path.is_file():
             raise MissingWeightsError(
                 f"Perceiver prompts {path} not found: train them (perceiver stage) or fix the path."
