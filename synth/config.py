@@ -26,6 +26,49 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NEUTRAL = "clearair_neutral"  # json_schema_extra key of a field added after outputs made without it exist
+_DEFAULT = object()
+
+
+def added_field(default: Any, *, neutral: Any = _DEFAULT, **kwargs: Any) -> Any:
+    """A config field added after the first release: it enters digests (cache keys, dataset guards) only when it
+    differs from ``neutral``, the JSON value that reproduces what the code did before the field existed (by default,
+    ``default``). So a new field whose default keeps today's behaviour leaves every existing output cached, and a
+    later change of its default still changes the keys of configs that rely on it."""
+    neutral = default if neutral is _DEFAULT else neutral
+    if isinstance(neutral, BaseModel):  # a section added later: neutral as a whole at its defaults
+        neutral = neutral.model_dump(mode="json")
+    return Field(default, json_schema_extra={NEUTRAL: neutral}, **kwargs)
+
+
+def digest_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` without the :func:`added_field` fields that hold their neutral value,
+    recursively: the body every digest of a configuration is taken over."""
+    return _prune(model, model.model_dump(mode="json", exclude=exclude))
+
+
+def _prune(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name, info in type(model).model_fields.items():
+        if name not in dumped:
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        value = getattr(model, name)
+        if NEUTRAL in extra and dumped[name] == extra[NEUTRAL]:
+            del dumped[name]
+        elif isinstance(value, BaseModel):
+            _prune(value, dumped[name])
+        elif isinstance(value, list | tuple):
+            for item, item_dump in zip(value, dumped[name], strict=True):
+                if isinstance(item, BaseModel):
+                    _prune(item, item_dump)
+    return dumped
+
+
+def config_digest(body: Any) -> str:
+    """sha256 of a JSON-able body, key order ignored."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 class SourceSpec(Strict):
     """Where images come from. ``path`` is a directory, or ``demo`` for the images that ship with scikit-image."""
 
@@ -87,8 +130,7 @@ class SynthConfig(SynthParams):
 
     def digest(self) -> str:
         """sha256 of everything that decides shard bytes except the source list and the output path."""
-        body = self.model_dump(mode="json", exclude={"sources", "out"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return config_digest(digest_dump(self, exclude={"sources", "out"}))
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:

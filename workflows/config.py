@@ -7,8 +7,6 @@ which Ray cluster, which tracking server) is not configuration: it lives in :mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from synth.config import ConfigError, SynthParams, format_validation_error, set_dotted
+from synth.config import (
+    ConfigError,
+    SynthParams,
+    config_digest,
+    digest_dump,
+    format_validation_error,
+    set_dotted,
+)
 
 STAGES = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
 
@@ -140,8 +145,7 @@ class PipelineConfig(Strict):
 
     def section_digest(self, stage: str) -> str:
         """sha256 of one stage's settings (plus the pipeline seed): part of that stage's cache key."""
-        body = {"seed": self.seed, stage: getattr(self, stage).model_dump(mode="json")}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return config_digest({"seed": self.seed, stage: digest_dump(getattr(self, stage))})
 
 
 def bundled_pipelines() -> list[str]:
