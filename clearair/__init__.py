@@ -3,4 +3,4 @@
 Imports only torch (and transformers / open_clip where a part needs them): never Ray or MLflow.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from clearair import __version__ as CLEARAIR_VERSION
+
 pytestmark = pytest.mark.slow
 
 TINY = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
@@ -82,6 +84,8 @@ def test_tiny_pipeline_end_to_end_then_cached(tmp_path):
     check_lineage(uri, workdir)
     check_folds_never_restore_what_trained_them(workdir)
     assert (next(workdir.glob("stages/evaluate-*/results.md"))).read_text().count("synthetic-test") >= 2
+    for result in workdir.glob("stages/*/result.json"):
+        assert json.loads(result.read_text())["clearair_version"] == CLEARAIR_VERSION, result
     assert next(workdir.glob("stages/train-*/model/model.safetensors")).exists()
     t = time.time()
     again = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")

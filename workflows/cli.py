@@ -326,8 +326,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from workflows.provenance import version_line
+
     parser = argparse.ArgumentParser(prog="clearair", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=version_line(), help="print version and commit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_synth_parser,

@@ -35,6 +35,8 @@ class StageResult:
     run_id: str | None = None
     skipped: str | None = None  # why the stage did no work (e.g. nothing to precompute)
     seconds: float | None = None  # wall time of the stage when it ran
+    clearair_version: str | None = None  # what made it (workflows.provenance.stamp); None in results of 0.1.0
+    commit: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

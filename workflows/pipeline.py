@@ -16,6 +16,7 @@ from pathlib import Path
 from synth import storage
 from workflows.config import STAGES, PipelineConfig
 from workflows.context import RunContext, StageResult, Workdir
+from workflows.provenance import run_tags, stamp
 from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _inputs(stage: str, workdir: Workdir, keys: dict[str, str], done: dict[str, 
 
 def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dict[str, StageResult]:
     """Run the pipeline; returns every stage's result (cached or new)."""
-    from workflows.tracking import Tracker, check_tracking, default_tracking_uri, run_tags
+    from workflows.tracking import Tracker, check_tracking, default_tracking_uri
 
     workdir, keys = Workdir(options.workdir), stage_keys(cfg)
     visit, forced = selected(options)
@@ -180,7 +181,7 @@ def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> 
         started = time.perf_counter()
         try:
             result = STAGE_RUN[stage](cfg, stage_ctx, inputs)
-            result = replace(result, seconds=round(time.perf_counter() - started, 1))
+            result = replace(result, seconds=round(time.perf_counter() - started, 1), **stamp())
         except BaseException:
             tracker.flush()
             tracker.end_run(run_id, "FAILED")

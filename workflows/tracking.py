@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -51,7 +49,7 @@ from mlflow.entities import (
     RunTag,
 )
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
     MAX_ENTITY_KEY_LENGTH,
@@ -63,13 +61,14 @@ from mlflow.utils.validation import (
     validate_param_and_metric_name,
 )
 
+from workflows.provenance import package_version, run_tags
+
 log = logging.getLogger(__name__)
 
 MODEL_CODE_PATH = Path(__file__).with_name("model_code.py")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlartifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-VERSIONED_PACKAGES = ("clearair", "torch", "ray", "mlflow", "lightning")
 DIGEST_TAG = "clearair.digest"
 # MLflow error codes that no retry will fix: the batch is dropped (and reported) instead of replayed forever.
 _PERMANENT_ERRORS = frozenset(
@@ -178,45 +177,6 @@ def _artifact_location(uri: str, artifact_root: str | os.PathLike | None) -> str
     if path is None or urlparse(uri).scheme != "sqlite":
         raise ValueError(f"tracking store {uri}: give artifact_root explicitly (only sqlite stores have a default)")
     return (path.parent / ARTIFACTS_DIRNAME).as_uri()
-
-
-# ----------------------------------------------------------------------------------------------- run tags
-
-
-def _git_commit(folder: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-@functools.cache
-def _process_tags() -> tuple[tuple[str, str], ...]:
-    tags = {
-        MLFLOW_GIT_COMMIT: _git_commit(Path(__file__).resolve().parent),
-        "clearair.python": platform.python_version(),
-        "clearair.host": socket.gethostname(),
-    }
-    tags.update({f"clearair.version.{p}": _version(p) for p in VERSIONED_PACKAGES})
-    return tuple(tags.items())
-
-
-def run_tags() -> dict[str, str]:
-    """Provenance tags: git commit of this checkout ("unknown" outside one), package versions, Python, host.
-
-    Read from package metadata and git only: never environment variables, so no token can leak into a run.
-    """
-    return dict(_process_tags())
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -644,7 +604,7 @@ def _model_signature():
 
 def _pip_requirements() -> list[str]:
     names = ("clearair", "torch", "safetensors", "numpy", "mlflow")
-    return [f"{p}=={_version(p)}" if _version(p) != "not installed" else p for p in names]
+    return [f"{p}=={package_version(p)}" if package_version(p) != "not installed" else p for p in names]
 
 
 # ----------------------------------------------------------------------------------------------- Lightning

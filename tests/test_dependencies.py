@@ -1,0 +1,123 @@
+"""Everything the code imports is declared (pyproject) and pinned (constraints.txt, the lock the README uses).
+
+Imports are read from the source with ``ast`` (those inside functions too), mapped to the distributions that
+provide them through the installed metadata, and checked against the requirements of the installed clearair
+distribution (its ``Requires-Dist``, written from pyproject.toml at install time) and the lock.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import clearair
+
+REPO = Path(__file__).resolve().parents[1]
+LOCK = REPO / "constraints.txt"
+OURS = {"synth", "clearair", "workflows", "tests", "benchmarks"}
+RUNTIME_CODE = ("synth", "clearair", "workflows", "benchmarks")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_modules(folder: str) -> dict[str, str]:
+    """Top-level third-party module -> one file importing it."""
+    found: dict[str, str] = {}
+    for path in sorted((REPO / folder).rglob("*.py")):
+        local = {p.stem for p in path.parent.glob("*.py")}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in OURS and top not in local:
+                    found.setdefault(top, str(path.relative_to(REPO)))
+    return found
+
+
+def _declared() -> tuple[set[str], set[str]]:
+    """(runtime, dev-extra) distribution names required by the installed clearair."""
+    runtime, dev = set(), set()
+    for req in md.requires("clearair") or []:
+        name = _canonical(re.match(r"[A-Za-z0-9_.-]+", req).group(0))
+        (dev if 'extra == "dev"' in req else runtime).add(name)
+    return runtime, dev
+
+
+def _locked() -> dict[str, str]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt pins exact versions, got {line!r}"
+            pins[_canonical(name.split("[")[0])] = version
+    return pins
+
+
+def _distributions(module: str) -> set[str]:
+    return {_canonical(d) for d in md.packages_distributions().get(module, [])}
+
+
+def test_the_installed_clearair_is_this_checkout() -> None:
+    assert md.version("clearair") == clearair.__version__, "reinstall: pip install -c constraints.txt -e '.[dev]'"
+
+
+@pytest.mark.parametrize("folder", [*RUNTIME_CODE, "tests"])
+def test_every_import_is_declared_and_locked(folder: str) -> None:
+    runtime, dev = _declared()
+    allowed = runtime | (dev if folder == "tests" else set())
+    locked = _locked()
+    problems = []
+    for module, where in sorted(_imported_modules(folder).items()):
+        dists = _distributions(module)
+        if not dists:
+            problems.append(f"{module} (imported in {where}) is provided by no installed distribution")
+        elif not dists & allowed:
+            problems.append(f"{module} (in {where}) comes from {sorted(dists)}, not declared in pyproject.toml")
+        elif not dists & set(locked):
+            problems.append(f"{module} (in {where}) comes from {sorted(dists)}, not pinned in constraints.txt")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_declared_requirement_is_locked_at_the_installed_version() -> None:
+    runtime, dev = _declared()
+    locked = _locked()
+    missing = sorted((runtime | dev) - set(locked))
+    assert not missing, f"declared but not in constraints.txt: {missing}"
+    drift = {n: (locked[n], md.version(n)) for n in runtime | dev if md.version(n) != locked[n]}
+    assert not drift, f"installed versions differ from the lock (lock, installed): {drift}"
+
+
+def test_version_names_the_package_and_the_commit(capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+
+    from workflows.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"clearair {clearair.__version__} (commit {head}")
+
+
+def test_stage_results_record_version_and_commit() -> None:
+    from workflows.context import StageResult
+    from workflows.provenance import commit, stamp
+
+    result = StageResult("synth", "k" * 64, {}, **stamp())
+    assert result.to_json()["clearair_version"] == clearair.__version__ and result.to_json()["commit"] == commit()
+    old = {"stage": "synth", "key": "k", "outputs": {}, "metrics": {}, "run_id": None, "skipped": None, "seconds": 1}
+    assert StageResult(**old).commit is None  # a result.json written by 0.1.0 still reads
