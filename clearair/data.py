@@ -238,22 +238,30 @@ def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def tier_views(sample: dict[str, Any], image_size: int, rng: np.random.Generator, view: str) -> list[np.ndarray]:
+VIEWS = ("crop", "resize", "train_crop")
+
+
+def tier_views(
+    sample: dict[str, Any], image_size: int, rng: np.random.Generator, view: str, crop: int | None = None
+) -> list[np.ndarray]:
     """The low, medium and high images of a tier sample under one shared random view, each ``(S, S, 3)`` uint8.
 
     ``view="crop"``: a random square of side ``min(H, W, image_size)`` at native resolution (resized up only when
-    the image is smaller); ``"resize"``: the whole image squashed to ``image_size`` (as the perceiver scores whole
-    images). Both flip horizontally at random.
+    the image is smaller); ``"train_crop"``: a random square of side ``min(H, W, crop)`` (the restorer's training
+    crop) resized to ``image_size``, which is what the CLIP-aware loss sees; ``"resize"``: the whole image
+    squashed to ``image_size``. All flip horizontally at random.
     """
     h, w = sample["gt"].shape[:2]
-    if view == "crop":
-        window = random_windows(h, w, min(h, w, image_size), rng)[0]
+    if view in ("crop", "train_crop"):
+        if view == "train_crop" and crop is None:
+            raise ValueError("view 'train_crop' needs the training crop size (crop=...)")
+        window = random_windows(h, w, min(h, w, image_size if view == "crop" else crop), rng)[0]
         images = [window.apply(sample[k]) for k in ("lq", "medium", "gt")]
     elif view == "resize":
         flip = bool(rng.random() < 0.5)
         images = [np.ascontiguousarray(sample[k][:, ::-1] if flip else sample[k]) for k in ("lq", "medium", "gt")]
     else:
-        raise ValueError(f"view must be 'crop' or 'resize', got {view!r}")
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     return [_resize_square(img, image_size) for img in images]
 
 
@@ -433,14 +441,16 @@ class TierStream(ShardStream):
         view: str = "crop",
         buffer_cap: int = 8,
         balanced: bool = True,
+        crop: int | None = None,
     ) -> None:
         super().__init__(urls, seed, shuffle, steps_per_epoch)
         self.balanced, self.batch_size = balanced, batch_size
         if balanced and batch_size % len(tasks):
             raise ValueError(f"batch_size {batch_size} must be a multiple of the number of tasks {len(tasks)}")
-        if view not in ("crop", "resize"):
-            raise ValueError(f"view must be 'crop' or 'resize', got {view!r}")
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         self.per_task, self.image_size, self.tasks, self.view = batch_size // len(tasks), image_size, tasks, view
+        self.crop = crop
         self.cap = max(1, buffer_cap) * self.per_task
 
     def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -487,7 +497,7 @@ class TierStream(ShardStream):
         task = sample["meta"]["task"]
         self.tasks.index(task)  # unknown task -> ValueError naming the known ones
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])
-        return task, tier_views(sample, self.image_size, rng, self.view)
+        return task, tier_views(sample, self.image_size, rng, self.view, self.crop)
 
 
 def _as_is(batch: Any) -> Any:
@@ -588,14 +598,18 @@ def tier_loader(
     steps_per_epoch: int | None = None,
     view: str = "crop",
     balanced: bool = True,
+    crop: int | None = None,
 ) -> ShardLoader:
     """Prompt-learning batches ``(images (3B, 3, S, S), labels (3B,))`` from tier shards, ``S = image_size``.
 
     ``B = batch_size`` tier samples, ``batch_size / len(tasks)`` of each task; the first B images are their low
     tier (label 0), then medium (1), then high (2), all three under one shared random view (see
-    :func:`tier_views`). Every task in ``tasks`` must occur in the shards.
+    :func:`tier_views`; ``crop`` is the training crop of ``view="train_crop"``). Every task in ``tasks`` must occur
+    in the shards.
     """
-    dataset = TierStream(urls, batch_size, image_size, tasks, seed, shuffle, steps_per_epoch, view, balanced=balanced)
+    dataset = TierStream(
+        urls, batch_size, image_size, tasks, seed, shuffle, steps_per_epoch, view, balanced=balanced, crop=crop
+    )
     return ShardLoader(dataset, num_workers, epoch)
 
 

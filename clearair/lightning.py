@@ -26,6 +26,7 @@ import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
 
+from clearair import losses as clearair_losses
 from clearair.inference import pad_to_multiple, size_multiple
 from clearair.losses import (
     ClearAIRLossWeights,
@@ -35,7 +36,6 @@ from clearair.losses import (
     PerceiveIRLoss,
     clue_reuse_loss,
     difficulty_weights,
-    l1_loss,
 )
 from clearair.metrics import psnr_torch
 from clearair.models.factory import build_model, config_to_dict
@@ -69,6 +69,7 @@ def build_perceive_ir_loss(
     perceiver: dict[str, Any] | None,
     vgg: str | dict[str, Any] | None,
     allow_random: bool = False,
+    pixel: str = "l1",
 ) -> PerceiveIRLoss:
     """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built."""
     w = _weights(LossWeights, weights, "perceive_ir")
@@ -76,7 +77,7 @@ def build_perceive_ir_loss(
         raise ValueError("the CLIP-aware loss needs perceiver={'config': ..., 'prompts': ...} (or loss_weights clip=0)")
     clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random)) if w.clip else None
     dpl = DifficultyAdaptivePerceptualLoss(build_vgg_features(vgg, allow_random)) if w.dpl else None
-    return PerceiveIRLoss(w, clip, dpl)
+    return PerceiveIRLoss(w, clip, dpl, pixel=pixel)
 
 
 def _dihedral(x: Tensor, k: int, flip: bool) -> Tensor:
@@ -137,6 +138,7 @@ class RestorerModule(L.LightningModule):
         allow_random_frozen: allow randomly initialised frozen parts (tiny test configs only).
         max_steps: length of the cosine schedule from ``lr`` to ``min_lr`` (stepped every optimizer step).
         probe_every_epoch: re-measure the probe PSNR at every epoch start (else once).
+        pixel_loss: the pixel term (:data:`clearair.losses.PIXEL_LOSSES`): ``"l1"`` as the papers, or ``"mse"``.
     """
 
     def __init__(
@@ -157,8 +159,10 @@ class RestorerModule(L.LightningModule):
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         probe_every_epoch: bool = True,
+        pixel_loss: str = "l1",
     ) -> None:
         super().__init__()
+        self.pixel = clearair_losses.pixel_loss(pixel_loss)
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         self.save_hyperparameters()
@@ -170,7 +174,7 @@ class RestorerModule(L.LightningModule):
             self._check_prior_dims(provider)
         self.clearair_weights = _weights(ClearAIRLossWeights, loss_weights, loss) if loss == "clearair" else None
         if loss == "perceive_ir":
-            self._frozen["loss"] = build_perceive_ir_loss(loss_weights, perceiver, vgg, allow_random_frozen)
+            self._frozen["loss"] = build_perceive_ir_loss(loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss)
         elif loss == "l1" and loss_weights:
             raise ValueError(f"loss 'l1' takes no loss_weights, got {sorted(loss_weights)}")
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))
@@ -218,7 +222,7 @@ class RestorerModule(L.LightningModule):
 
     def _l1_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         restored = self.model(batch["lq"], self.priors_for(batch))
-        return l1_loss(restored, batch["gt"]), {}
+        return self.pixel(restored, batch["gt"]), {}
 
     def _perceive_ir_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         lq, priors = batch["lq"], self.priors_for(batch)
@@ -230,7 +234,7 @@ class RestorerModule(L.LightningModule):
     def _clearair_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         w, priors = self.clearair_weights, self.priors_for(batch)
         restored = self.model(batch["lq"], priors)
-        l1 = l1_loss(restored, batch["gt"])
+        l1 = self.pixel(restored, batch["gt"])
         with eval_mode(self.model):  # both views see the same (all) region masks
             inter = clue_reuse_loss(AlignedRestore(self.model, priors, restored.detach()), restored, w.gamma)
         return w.l1 * l1 + w.inter * inter, {"l1": float(l1.detach()), "inter": float(inter.detach())}
@@ -404,6 +408,6 @@ class PerceiverModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.max_steps), eta_min=hp.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def export_prompts(self, path: str | Path) -> Path:
+    def export_prompts(self, path: str | Path, view: dict[str, Any] | None = None) -> Path:
         """The learned prompts as safetensors (:meth:`QualityPerceiver.save_prompts`), for the frozen perceiver."""
-        return self.perceiver.save_prompts(path)
+        return self.perceiver.save_prompts(path, view)

@@ -30,6 +30,18 @@ def l1_loss(restored: Tensor, gt: Tensor) -> Tensor:
     return F.l1_loss(restored, gt)
 
 
+# The pixel term of every restorer loss. The papers use L1. Its minimiser is the median residual, so on sparse
+# residuals (rain streaks cover 2-9% of pixels) a small network first settles on the identity and needs many
+# iterations to leave it; MSE's mean does not have that plateau, which matters at laptop-scale budgets.
+PIXEL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": l1_loss, "mse": F.mse_loss}
+
+
+def pixel_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    if name not in PIXEL_LOSSES:
+        raise ValueError(f"unknown pixel loss {name!r}; valid: {', '.join(PIXEL_LOSSES)}")
+    return PIXEL_LOSSES[name]
+
+
 def cfe_infonce(anchor: Tensor, positive: Tensor, task: Tensor, tau: float = 0.1) -> Tensor:
     """InfoNCE on L2-normalised degradation features: same image attracts, other tasks repel.
 
@@ -272,8 +284,10 @@ class PerceiveIRLoss(nn.Module):
         clip_loss: ClipAwareLoss | None = None,
         dpl: DifficultyAdaptivePerceptualLoss | None = None,
         tau: float = 0.1,
+        pixel: str = "l1",
     ):
         super().__init__()
+        self.pixel = pixel_loss(pixel)
         self.weights = weights
         self.clip_loss = clip_loss
         self.dpl = dpl
@@ -302,7 +316,7 @@ class PerceiveIRLoss(nn.Module):
         """
         parts: dict[str, Tensor] = {}
         if self._active("l1"):
-            parts["l1"] = l1_loss(restored, gt)
+            parts["l1"] = self.pixel(restored, gt)  # the pixel term, weighted by ``weights.l1``
         if self._active("con"):
             if cfe_anchor is None or cfe_positive is None or task is None:
                 raise ValueError("the contrastive part needs cfe_anchor, cfe_positive and task (or weight con=0)")

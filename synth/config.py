@@ -102,10 +102,17 @@ class SplitConfig(Strict):
 
 
 class DemoConfig(Strict):
-    """How the embedded demo source cuts scikit-image's photographs into many small source images."""
+    """How the embedded demo source cuts scikit-image's photographs into many small source images, and splits them.
+
+    ``split_by: photo`` keeps every tile of a photograph in one split and fold: the demo's fixed split
+    (:data:`synth.sources.DEMO_SPLITS`) holds two photographs out for test and one for validation, and the rest are
+    dealt to the K folds by tile count. ``tile`` (the default, as datasets made before 0.2 were split) splits tiles
+    by content like any clean folder, so tiles of one photograph land in several splits.
+    """
 
     long_side: int = Field(512, ge=64)
     crop: int = Field(128, ge=32)
+    split_by: Literal["tile", "photo"] = added_field("tile")
 
 
 class SynthParams(Strict):

@@ -44,9 +44,12 @@ def unit_hash(text: str) -> float:
 
 
 def assign_split(item: SourceItem, cfg: SplitConfig) -> tuple[str, int | None]:
-    """(split, fold): an official test split is kept; otherwise the clean content decides."""
-    if item.split == "test":
-        return "test", None
+    """(split, fold): an official test or validation split is kept, and a fold the source fixes; otherwise the
+    clean content decides."""
+    if item.split in ("test", "val"):
+        return item.split, None
+    if item.fold is not None:
+        return "train", item.fold
     u = unit_hash("split:" + item.group)
     if item.split is None and u < cfg.test_fraction:
         return "test", None

@@ -115,7 +115,7 @@ def plan(cfg: SynthConfig, recipe: Recipe, out: str, states: dict[str, dict]) ->
     The first run commits its plan (``state/plan.json``) before any work; a rerun finishes exactly those shards,
     and samples the plan does not hold yet (new sources) go into new shards appended to it.
     """
-    found = discover(cfg.sources, cfg.demo, cfg.patch_size)
+    found = discover(cfg.sources, cfg.demo, cfg.patch_size, cfg.splits.folds)
     samples = expand(found.items, recipe.task_cycle(), cfg.variants, cfg.splits)
     by_key = {s.key: s for s in samples}
     committed = read_plan(out)

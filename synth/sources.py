@@ -65,6 +65,9 @@ DEMO_PHOTOS = (
     "rocket.jpg",
     "motorcycle_left.png",
 )
+# The demo's fixed split by photograph (DemoConfig.split_by: photo): natural photos held out for test and
+# validation; the others, train, are dealt to the folds by tile count.
+DEMO_SPLITS = {"coffee.png": "test", "motorcycle_left.png": "test", "chelsea.png": "val"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class SourceItem:
     task: str | None = None  # set for pairs; clean sources get theirs from the recipe
     split: str | None = None  # official split of the layout, else None (decided by content)
     depth: str | None = None
+    fold: int | None = None  # a fold fixed by the source (demo photographs), else decided by content
 
     @property
     def group(self) -> str:
@@ -249,18 +253,35 @@ def demo_crops(cfg: DemoConfig) -> list[tuple[str, int, int, np.ndarray]]:
     return out
 
 
-def discover_demo(cfg: DemoConfig) -> list[SourceItem]:
+def discover_demo(cfg: DemoConfig, folds: int = 2) -> list[SourceItem]:
     """The embedded default: tiles of photographs that ship inside scikit-image's wheel."""
+    crops = demo_crops(cfg)
+    placement = demo_photo_splits(cfg, folds) if cfg.split_by == "photo" else {}
     return [
-        demo_item(f"skimage:{photo}#{y},{x}", hashlib.sha256(crop.tobytes()).hexdigest())
-        for photo, y, x, crop in demo_crops(cfg)
+        demo_item(f"skimage:{photo}#{y},{x}", hashlib.sha256(crop.tobytes()).hexdigest(), *placement.get(photo, ()))
+        for photo, y, x, crop in crops
     ]
 
 
-def demo_item(ref: str, digest: str) -> SourceItem:
+def demo_photo_splits(cfg: DemoConfig, folds: int) -> dict[str, tuple[str, int | None]]:
+    """(split, fold) of every demo photograph under the photo split: :data:`DEMO_SPLITS`, the other photographs
+    train, dealt largest first to the fold with the fewest tiles so far (ties to the lower fold)."""
+    tiles: dict[str, int] = {}
+    for photo, *_ in demo_crops(cfg):
+        tiles[photo] = tiles.get(photo, 0) + 1
+    placement: dict[str, tuple[str, int | None]] = {p: (s, None) for p, s in DEMO_SPLITS.items() if p in tiles}
+    load = [0] * max(folds, 1)
+    for photo in sorted(set(tiles) - set(DEMO_SPLITS), key=lambda p: (-tiles[p], p)):
+        fold = min(range(len(load)), key=lambda k: (load[k], k))
+        load[fold] += tiles[photo]
+        placement[photo] = ("train", fold if folds > 1 else None)
+    return placement
+
+
+def demo_item(ref: str, digest: str, split: str | None = None, fold: int | None = None) -> SourceItem:
     """The demo crop ``skimage:<photo>#y,x``; the motorcycle photo comes with a depth map (from its disparity)."""
     depth = "skimage:motorcycle_disp.npz" if ref.startswith("skimage:motorcycle") else None
-    return SourceItem("demo", "skimage", ref, digest, depth=depth)
+    return SourceItem("demo", "skimage", ref, digest, split=split, depth=depth, fold=fold)
 
 
 def load_demo_crop(ref: str, cfg: DemoConfig) -> np.ndarray:
@@ -304,12 +325,12 @@ def check_size(item: SourceItem, min_side: int) -> str | None:
     return None
 
 
-def discover(specs: list[SourceSpec], demo: DemoConfig, min_side: int) -> Discovery:
+def discover(specs: list[SourceSpec], demo: DemoConfig, min_side: int, folds: int = 2) -> Discovery:
     """Every usable item of every source, de-duplicated by content, in a stable order, with what was skipped."""
     skipped: list[dict[str, str]] = []
     found: list[SourceItem] = []
     for spec in specs:
-        found += discover_demo(demo) if spec.layout == "demo" else discover_folder(spec, skipped)
+        found += discover_demo(demo, folds) if spec.layout == "demo" else discover_folder(spec, skipped)
     items: list[SourceItem] = []
     seen: dict[tuple[str, str | None], str] = {}
     for item in sorted(found, key=lambda i: (i.dataset, i.lq or i.gt)):

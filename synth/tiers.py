@@ -4,6 +4,10 @@ Written by cross-validation for prompt learning and the difficulty-adaptive loss
 synthesis shards: deterministic members, published all-or-nothing (``synth.writer.publish_tar``), only PNG and
 JSON inside.
 Members per sample: ``KEY.high.png``, ``KEY.json``, ``KEY.low.png``, ``KEY.medium.png``.
+
+The tier manifest (``manifest.json`` beside the shards) lists them; format version 2 adds each shard's ``split``
+(``train`` for cross-validated folds, ``val``/``test`` for held-out restorations) and a ``heldout`` summary. A
+version-1 manifest has training shards only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ import numpy as np
 from synth.imageio import encode_png
 
 TIER_FORMAT = "clearair-tiers"
-TIER_VERSION = 1
+TIER_VERSION = 2
+
+
+def shard_split(entry: dict) -> str:
+    """The split of a tier-manifest shard entry (``train`` in version-1 manifests, which have no other)."""
+    return entry.get("split", "train")
 
 
 def tier_members(key: str, low: np.ndarray, medium: np.ndarray, high: np.ndarray, meta: dict, level: int = 1):

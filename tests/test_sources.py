@@ -171,3 +171,24 @@ def test_demo_source_is_embedded_and_large_enough():
     splits = [assign_split(i, SplitConfig(folds=2)) for i in items]
     assert {s for s, _ in splits} == {"train", "val", "test"}
     assert {f for s, f in splits if s == "train"} == {0, 1}
+
+
+def test_demo_split_by_photo_keeps_every_photograph_in_one_split_and_fold():
+    cfg = DemoConfig(split_by="photo")
+    placement: dict[str, set] = {}
+    for item in discover_demo(cfg, folds=2):
+        photo = item.gt.removeprefix("skimage:").partition("#")[0]
+        placement.setdefault(photo, set()).add(assign_split(item, SplitConfig(folds=2)))
+    assert all(len(where) == 1 for where in placement.values()), placement
+    where = {photo: next(iter(w)) for photo, w in placement.items()}
+    assert {p for p, (s, _) in where.items() if s == "test"} == {"coffee.png", "motorcycle_left.png"}
+    assert {p for p, (s, _) in where.items() if s == "val"} == {"chelsea.png"}
+    tiles = {f: sum(1 for i in discover_demo(cfg) if assign_split(i, SplitConfig())[1] == f) for f in (0, 1)}
+    assert min(tiles.values()) > 0 and abs(tiles[0] - tiles[1]) <= 16, tiles  # dealt by tile count
+
+
+def test_demo_split_by_tile_is_unchanged_by_the_photo_option():
+    by_tile = [(i.gt, assign_split(i, SplitConfig(folds=2))) for i in discover_demo(DemoConfig())]
+    photos_of_test = {gt.partition("#")[0] for gt, (s, _) in by_tile if s == "test"}
+    assert len(photos_of_test) > 2  # tiles of many photographs in test: why the photo split exists
+    assert DemoConfig().split_by == "tile"

@@ -281,22 +281,43 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def add_score_parser(sub) -> None:
-    p = sub.add_parser("score", help="quality tier and probabilities of images by the learned perceiver")
-    p.add_argument("inputs", nargs="+")
+    p = sub.add_parser(
+        "score",
+        help="no-reference quality of images by the learned perceiver: P(excellent) and the three tiers",
+        description="Score images with learned quality prompts. One line per image: the quality score "
+        "P(excellent), the most likely tier (low/medium/high) and the three probabilities, averaged over a fixed "
+        "grid of crops of the view the prompts were learned on. Unreadable files are listed at the end "
+        "(exit status 1).",
+    )
+    p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--prompts", required=True, help="prompts.safetensors from the perceiver stage")
+    p.add_argument("--format", choices=["text", "csv", "json"], default="text", help="json: one object per line")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from workflows.restore import RestoreError, score_paths
 
     try:
-        rows = score_paths(args.prompts, [Path(p) for p in args.inputs])
+        rows, failed = score_paths(args.prompts, [Path(p) for p in args.inputs])
     except RestoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path, tier, probs in rows:
-        print(f"{path}\t{tier}\t" + " ".join(f"{k}={v:.3f}" for k, v in probs.items()))
-    return 0
+    if args.format == "csv":
+        print("path,score,tier,p_low,p_medium,p_high")
+    for r in rows:
+        p = r.probs
+        if args.format == "csv":
+            print(f"{r.path},{r.score:.4f},{r.tier},{p['low']:.4f},{p['medium']:.4f},{p['high']:.4f}")
+        elif args.format == "json":
+            print(json.dumps({"path": str(r.path), "score": round(r.score, 4), "tier": r.tier,
+                              "probabilities": {k: round(v, 4) for k, v in p.items()}}))  # fmt: skip
+        else:
+            print(f"{r.path}\tscore {r.score:.3f}\t{r.tier}\t" + " ".join(f"{k}={v:.3f}" for k, v in p.items()))
+    for path, reason in failed:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(rows) + len(failed)} inputs could not be scored", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_doctor_parser(sub) -> None:
@@ -325,6 +346,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def add_pretrain_clip_parser(sub) -> None:
+    p = sub.add_parser(
+        "pretrain-clip",
+        help="regenerate the small quality-aware CLIP that ships with clearair (CPU, minutes)",
+        description="Pretrain the quickstart's tiny quality-aware CLIP on the demo's training photos "
+        "(workflows/qclip.py).",
+    )
+    p.add_argument("--out", required=True, help="the open_clip folder to write (clearair/models/weights/qclip-tiny)")
+    p.add_argument("--steps", type=int, help="training steps (default: the shipped model's)")
+    p.add_argument("--seed", type=int, help="seed of every draw (default: the shipped model's)")
+
+
+def cmd_pretrain_clip(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from workflows.qclip import PretrainConfig, pretrain
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    if args.steps is not None and args.steps < 1:
+        print("error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    card = pretrain(dataclasses.replace(PretrainConfig(), **overrides), args.out)
+    held = ", ".join(f"{k} {v}" for k, v in card["held_out"].items())
+    print(f"{card['name']}: {card['parameters']:,} parameters in {card['train_seconds']:.0f} s -> {args.out}")
+    print(f"  weights sha256 {card['weights_sha256']}; held-out photos: {held}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workflows.provenance import version_line
 
@@ -339,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_restore_parser,
         add_score_parser,
         add_workdir_parser,
+        add_pretrain_clip_parser,
     ):
         add(sub)
     return parser
@@ -351,6 +401,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "score": cmd_score,
     "workdir": cmd_workdir,
+    "pretrain-clip": cmd_pretrain_clip,
 }
 
 

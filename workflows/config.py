@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from synth.config import (
     ConfigError,
     SynthParams,
+    added_field,
     config_digest,
     digest_dump,
     format_validation_error,
@@ -61,25 +62,37 @@ class Fit(Strict):
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
 
 
+PIXEL_LOSS = "The pixel term: l1 (the papers) or mse (learns sparse residuals such as rain in few steps)."
+
+
 class CrossvalConfig(Strict):
     model: ModelSpec = ModelSpec()
+    pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
     fit: Fit = Fit(steps=20000, global_batch=4, crop=128)
     tile: int | None = Field(512, ge=32, description="Tile size for restoring held-out images (None: whole image).")
     overlap: int = Field(32, ge=0)
     parallel_folds: bool = True
+    restore_splits: list[Literal["val", "test"]] = added_field(
+        [], description="Splits also restored (by fold 0's restorer) into held-out tier shards for the perceiver."
+    )
+    min_margin: float = added_field(1.0, description="Warn when a task's medium tier is less dB above its low tier.")
 
 
 class PerceiverStageConfig(Strict):
     perceiver: dict[str, Any] = Field(default_factory=dict, description="PerceiverConfig fields.")
-    preset: Literal["paper", "tiny"] = "paper"
+    preset: Literal["paper", "tiny", "qclip"] = Field(
+        "paper", description="ViT-B/32 (paper), a random tiny CLIP (tiny) or the bundled quality-aware tiny CLIP."
+    )
     steps: int = Field(100000, ge=1)
     batch_per_tier: int = Field(8, ge=1, description="Images per tier in a batch (x3 per step).")
     lr: float = 4e-5
     min_lr: float = 1e-6
     use_gpu: bool = False
     allow_random_frozen: bool = Field(False, description="Random-init CLIP (tiny demo models only).")
-    view: Literal["crop", "resize"] = Field(
-        "crop", description="Random crops at CLIP's input size, or whole images resized."
+    view: Literal["crop", "resize", "train_crop"] = Field(
+        "crop",
+        description="Random crops at CLIP's input size, whole images resized, or crops of train.fit.crop resized to "
+        "CLIP's input (what the CLIP-aware loss sees; the bundled pipelines use it).",
     )
 
 
@@ -94,6 +107,7 @@ class PriorsConfig(Strict):
 class TrainConfig(Strict):
     model: ModelSpec = ModelSpec(arch="perceive_ir")
     loss: Literal["l1", "perceive_ir", "clearair"] = "perceive_ir"
+    pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
     loss_weights: dict[str, float] = {}
     priors: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"}, description="clearair.priors spec.")
     vgg: str | dict[str, Any] | None = "torchvision"

@@ -185,23 +185,14 @@ def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def write_figure(results: dict[str, Any], path: Path, crop: int) -> Path | None:
-    """One row per (set, task): LQ | restored | GT centre crops."""
-    from PIL import Image, ImageDraw
+    """One row per (set, task): input | restored | target centre crops, columns titled."""
+    from synth.figures import centre_crop, labelled_grid, png_bytes
 
     if not results["examples"]:
         return None
-    rows = []
-    for name, images in sorted(results["examples"].items()):
-        tiles = []
-        for img in images:
-            h, w = img.shape[:2]
-            c = min(crop, h, w)
-            y, x = (h - c) // 2, (w - c) // 2
-            tile = np.zeros((crop, crop, 3), np.uint8)
-            tile[:c, :c] = img[y : y + c, x : x + c]
-            tiles.append(tile)
-        label = Image.new("RGB", (160, crop), (255, 255, 255))
-        ImageDraw.Draw(label).multiline_text((4, 4), name.replace("/", "\n"), fill=(0, 0, 0))
-        rows.append(np.concatenate([np.asarray(label), *tiles], axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    rows = [
+        (name.replace("/", "\n"), [centre_crop(img, crop) for img in images])
+        for name, images in sorted(results["examples"].items())
+    ]
+    path.write_bytes(png_bytes(labelled_grid(rows, ["input", "restored", "target"])))
     return path

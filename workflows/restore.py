@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from synth.imageio import IMAGE_EXTENSIONS
 
@@ -12,14 +16,9 @@ class RestoreError(RuntimeError):
 
 
 def image_files(inputs: list[Path]) -> list[Path]:
-    files = []
-    for p in inputs:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise RestoreError(f"input {p} does not exist")
+    files, missing = image_files_and_missing(inputs)
+    if missing:
+        raise RestoreError(f"input {missing[0][0]} does not exist")
     return files
 
 
@@ -72,15 +71,23 @@ def restore_paths(
     return done
 
 
-def score_paths(prompts: str | Path, inputs: list[Path]) -> list[tuple[Path, str, dict[str, float]]]:
-    """Quality tier (low/medium/high) and the three probabilities of each image, by the learned prompts."""
-    import json
+@dataclass(frozen=True)
+class Scored:
+    """One scored image: P(excellent) as its quality score, its most likely tier, the three probabilities."""
 
-    import torch
-    from safetensors import safe_open
+    path: Path
+    score: float
+    tier: str
+    probs: dict[str, float]
 
-    from clearair.inference import load_image, to_tensor
-    from clearair.models.perceiver import TIERS, PerceiverConfig, build_perceiver
+
+def load_scorer(prompts: str | Path):
+    """The frozen perceiver of a prompts file and the crop it scores with (the view the prompts learned on)."""
+    from safetensors import SafetensorError, safe_open
+
+    from clearair.models.perceiver import build_perceiver
+    from clearair.models.pretrained import MissingWeightsError
+    from clearair.priors import perceiver_config
     from synth import storage
 
     try:
@@ -89,16 +96,53 @@ def score_paths(prompts: str | Path, inputs: list[Path]) -> list[tuple[Path, str
         raise RestoreError(f"cannot read prompts {prompts}: {err}") from None
     if not prompts.is_file():
         raise RestoreError(f"prompts file {prompts} not found (the perceiver stage writes prompts.safetensors)")
-    with safe_open(str(prompts), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(prompts), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise RestoreError(f"{prompts} is not a safetensors prompts file: {err}") from None
     if "config" not in meta:
         raise RestoreError(f"{prompts} holds no perceiver config in its metadata: not a clearair prompts file")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
-    perceiver = build_perceiver(PerceiverConfig(**fields))
-    perceiver.load_prompts(prompts)
+    view = json.loads(meta.get("view", "null")) or {"crop": None}  # prompts of 0.1.0: whole images
+    try:
+        perceiver = build_perceiver(perceiver_config(json.loads(meta["config"])))
+        perceiver.load_prompts(prompts)
+    except (MissingWeightsError, ValueError) as err:
+        raise RestoreError(str(err)) from None
+    return perceiver.eval(), view.get("crop")
+
+
+def score_paths(prompts: str | Path, inputs: list[Path]) -> tuple[list[Scored], list[tuple[Path, str]]]:
+    """Quality score, tier and probabilities of every readable image of ``inputs``, and ``(path, reason)`` for
+    each one that could not be read. Images are decoded as synthesis decodes them and scored on the crop grid of
+    the prompts' view (:func:`clearair.scoring.grid_probabilities`)."""
+    from clearair.models.perceiver import TIERS
+    from clearair.scoring import grid_probabilities, quality_score
+    from synth.imageio import BadImage, load_rgb
+
+    perceiver, crop = load_scorer(prompts)
+    files, failed = image_files_and_missing(inputs)
     rows = []
-    with torch.inference_mode():
-        for path in image_files(inputs):
-            tier, probs = perceiver.predict(to_tensor(load_image(path))[None])
-            rows.append((path, TIERS[int(tier[0])], {t: float(p) for t, p in zip(TIERS, probs[0], strict=True)}))
-    return rows
+    for path in tqdm(files, desc="score", unit="image", disable=len(files) < 2):
+        try:
+            img, _ = load_rgb(path)
+        except BadImage as err:
+            failed.append((path, str(err)))
+            continue
+        probs = grid_probabilities(perceiver, img, crop)
+        tier = TIERS[int(probs.argmax())]
+        rows.append(Scored(path, quality_score(probs), tier, dict(zip(TIERS, map(float, probs), strict=True))))
+    return rows, failed
+
+
+def image_files_and_missing(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files of ``inputs`` (folders walked, sorted) and the inputs that do not exist."""
+    files, missing = [], []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            missing.append((p, "no such file or folder"))
+    return files, missing

@@ -48,8 +48,13 @@ class PerceiverConfig:
 
     @classmethod
     def tiny(cls) -> PerceiverConfig:
-        """Random-init tiny CLIP (clearair/models/configs/clip-tiny.json) for tests and the quickstart."""
+        """Random-init tiny CLIP (clearair/models/configs/clip-tiny.json), for tests of the machinery."""
         return cls(clip_model="clearair-tiny-clip", pretrained=None, n_ctx=4, image_size=32)
+
+    @classmethod
+    def qclip(cls) -> PerceiverConfig:
+        """The small quality-aware CLIP clearair pretrains and ships (``bundled:qclip-tiny``), for the quickstart."""
+        return cls(clip_model="qclip-tiny", pretrained="bundled:qclip-tiny", n_ctx=4, image_size=48)
 
 
 class PromptLearner(nn.Module):
@@ -171,14 +176,17 @@ class QualityPerceiver(nn.Module):
             "width": str(self.prompt_learner.width),
         }
 
-    def save_prompts(self, path: str | Path) -> Path:
-        """Write the learned contexts to a safetensors file, with the config in its metadata (no pickle)."""
+    def save_prompts(self, path: str | Path, view: dict | None = None) -> Path:
+        """Write the learned contexts to a safetensors file, with the config in its metadata (no pickle), and the
+        view they were learned on (``{"view": "train_crop", "crop": 48}``: how :mod:`clearair.scoring` should crop
+        an image to score it; ``crop`` None = the whole image resized)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"ctx": self.prompt_learner.ctx.detach().cpu().contiguous()}
-        save_file(tensors, str(path), metadata=self._metadata())
+        metadata = self._metadata() | ({"view": json.dumps(view)} if view is not None else {})
+        save_file(tensors, str(path), metadata=metadata)
         return path
 
     def load_prompts(self, path: str | Path) -> None:

@@ -97,6 +97,23 @@ def dinov2_cls_tokens(model: nn.Module, images: torch.Tensor, layers: tuple[int,
 # ClearAIR's own open_clip architectures: model name -> config file in clearair/models/configs. open_clip names a
 # registered config after its file stem, so the name open_clip knows is the stem ("clip-tiny").
 _CLEARAIR_CLIP_CONFIGS = {"clearair-tiny-clip": "clip-tiny.json"}
+# CLIP models this project trains and ships as package data (open_clip folders under clearair/models/weights),
+# named ``bundled:<name>`` as a ``pretrained`` source; ``clearair pretrain-clip`` regenerates them.
+BUNDLED_CLIPS = ("qclip-tiny",)
+BUNDLED_PREFIX = "bundled:"
+
+
+def bundled_clip_dir(name: str) -> Path:
+    """The open_clip folder of a model clearair ships (``bundled:qclip-tiny`` -> ``.../weights/qclip-tiny``)."""
+    if name not in BUNDLED_CLIPS:
+        raise MissingWeightsError(f"no bundled CLIP {name!r}; bundled: {', '.join(BUNDLED_CLIPS)}")
+    folder = Path(str(importlib.resources.files("clearair.models") / "weights" / name))
+    if not (folder / "open_clip_model.safetensors").is_file():
+        raise MissingWeightsError(
+            f"the bundled CLIP {name!r} is missing from {folder} (an incomplete install or checkout): regenerate it "
+            f"with `clearair pretrain-clip --out {folder}`"
+        )
+    return folder
 
 
 @functools.cache
@@ -199,7 +216,9 @@ def load_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, 
     Args:
         model_name: an open_clip architecture name (``"ViT-B-32"``) or one of ClearAIR's bundled configs
             (``"clearair-tiny-clip"``).
-        pretrained: ``None`` for random weights (tiny/test configs only); a local weights file; ``"local-dir:/path"``
+        pretrained: ``None`` for random weights (tiny/test configs only); ``"bundled:qclip-tiny"`` for the small
+            quality-aware CLIP clearair ships (architecture and weights from its folder); a local weights file;
+            ``"local-dir:/path"``
             (an open_clip folder with ``open_clip_config.json``, which then also defines the architecture); or an
             open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"``) whose weights are already in the local
             Hugging Face cache (HF_HOME) or in ``~/.cache/clip``. Nothing is ever downloaded. A tag brings its own
@@ -219,6 +238,9 @@ def load_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, 
             log.info("open_clip %s: random initialisation (pretrained=None, seeded)", model_name)
             with seeded_init():
                 model = open_clip.create_model(name, pretrained=None)
+        elif pretrained.startswith(BUNDLED_PREFIX):
+            folder = bundled_clip_dir(pretrained.removeprefix(BUNDLED_PREFIX))
+            model, name = _create_clip_from_dir(f"local-dir:{folder}")
         elif pretrained.startswith("local-dir:"):
             model, name = _create_clip_from_dir(pretrained)
         elif pretrained in open_clip.list_pretrained_tags_by_model(name):

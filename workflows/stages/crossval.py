@@ -5,6 +5,12 @@ shards of fold k, whole images (tiled when large). A fold's medium tier therefor
 that saw it; ``fold<k>/done.json`` records which shards trained it and which it restored. Folds run as
 parallel Ray tasks when ``parallel_folds`` and the cluster has room, each logging a nested MLflow run. The tier
 set (``tiers/*.tar`` + ``tiers/manifest.json``) is a versioned dataset: its manifest digest is logged as input.
+
+With ``restore_splits`` the restorer of fold 0 (which saw no validation or test image) also restores those
+splits into tier shards named after their source (``val-000000.tar``): held-out tiers on which the perceiver
+stage reports, never trained on. The manifest records every shard's split and, per task, the margin of the
+medium tier over the low one; a task whose margin is below ``min_margin`` dB gets a warning (its tiers are
+hard to tell apart, so prompts learned on them mean little).
 """
 
 from __future__ import annotations
@@ -20,10 +26,16 @@ from workflows.stages.common import ray_ready
 log = logging.getLogger(__name__)
 
 
-def restore_fold(model, held: list[str], out: str, fold: int, tile: int | None, overlap: int) -> list[dict]:
-    """Write one tier shard per held-out shard; returns the shard records (name, sha256, samples, psnr...)."""
-    import numpy as np
+def _mean(rows: list[dict], key: str, tier: str) -> float:
+    return sum(r[key][tier] for r in rows) / len(rows) if rows else float("nan")
 
+
+def restore_fold(
+    model, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train"
+) -> list[dict]:
+    """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer); returns the shard
+    records (name, sha256, samples, split, psnr...). Training shards become ``f<fold>-NNNNNN.tar``, shards of a
+    held-out split keep their name."""
     from clearair.inference import restore_image, to_numpy, to_tensor
     from clearair.metrics import psnr, ssim
     from synth.read import iter_shard
@@ -46,7 +58,8 @@ def restore_fold(model, held: list[str], out: str, fold: int, tile: int | None, 
             }
             members += tier_members(s["key"], s["lq"], medium, s["gt"], meta)
             rows.append(meta)
-        name = f"f{fold}-{storage.name(url).removesuffix('.tar').rsplit('-', 1)[1]}.tar"
+        index = storage.name(url).removesuffix(".tar").rsplit("-", 1)[1]
+        name = f"f{fold}-{index}.tar" if split == "train" else storage.name(url)
         sha, _ = publish_tar(storage.join(out, name), members)
         records.append(
             {
@@ -54,8 +67,9 @@ def restore_fold(model, held: list[str], out: str, fold: int, tile: int | None, 
                 "sha256": sha,
                 "samples": len(rows),
                 "fold": fold,
-                "psnr_low": float(np.mean([r["psnr"]["low"] for r in rows])) if rows else float("nan"),
-                "psnr_medium": float(np.mean([r["psnr"]["medium"] for r in rows])) if rows else float("nan"),
+                "split": split,
+                "psnr_low": _mean(rows, "psnr", "low"),
+                "psnr_medium": _mean(rows, "psnr", "medium"),
                 "rows": rows,
             }
         )
@@ -69,6 +83,7 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
         "model_config": dict(cv.model.config),
         "preset": cv.model.preset,
         "loss": "l1",
+        "pixel_loss": cv.pixel_loss,
         "loss_weights": {},
         "priors": {"kind": "none"},
         "perceiver": None,
@@ -107,17 +122,22 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     )
     model = restorer_from_checkpoint(fit["checkpoint"])
     shards = restore_fold(model, held, storage.join(out, "tiers"), fold, job["tile"], job["overlap"])
+    heldout = [u for split in job["restore_splits"] for u in shard_paths(data, split)] if fold == 0 else []
+    for split in job["restore_splits"] if fold == 0 else ():  # fold 0's restorer saw no val or test image
+        urls = shard_paths(data, split)
+        shards += restore_fold(model, urls, storage.join(out, "tiers"), fold, job["tile"], job["overlap"], split)
     record = {
         "fold": fold,
         "trained_on": [storage.name(u) for u in train],
         "restored": [storage.name(u) for u in held],
+        "restored_heldout": [storage.name(u) for u in heldout],
         "tier_shards": shards,
         "checkpoint": fit["checkpoint"],
         "val_psnr": fit["val_psnr"],
     }
-    n = sum(s["samples"] for s in shards)
-    for key in ("psnr_low", "psnr_medium"):
-        record[key] = sum(s[key] * s["samples"] for s in shards) / max(n, 1)
+    trained = [row for s in shards if s["split"] == "train" for row in s["rows"]]
+    n = len(trained)
+    record["psnr_low"], record["psnr_medium"] = _mean(trained, "psnr", "low"), _mean(trained, "psnr", "medium")
     tracker.log_metrics(
         run_id,
         {
@@ -143,29 +163,40 @@ def run_folds(folds: int, job: dict[str, Any], parallel: bool) -> list[dict[str,
     return ray.get([task.remote(k, job) for k in range(folds)])
 
 
-def tier_manifest(records: list[dict[str, Any]], source_digest: str) -> dict[str, Any]:
+def tier_manifest(records: list[dict[str, Any]], source_digest: str, min_margin: float) -> dict[str, Any]:
     from synth.tiers import TIER_FORMAT, TIER_VERSION
 
-    shards = [{k: s[k] for k in ("name", "sha256", "samples", "fold")} for r in records for s in r["tier_shards"]]
-    by_task: dict[str, list[dict]] = {}
+    keep = ("name", "sha256", "samples", "fold", "split")
+    shards = [{k: s[k] for k in keep} for r in records for s in r["tier_shards"]]
+    by_split: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         for s in r["tier_shards"]:
             for row in s["rows"]:
-                by_task.setdefault(row["task"], []).append(row)
-    per_task = {
-        t: {
-            "samples": len(rows),
-            "psnr_low": sum(r["psnr"]["low"] for r in rows) / len(rows),
-            "psnr_medium": sum(r["psnr"]["medium"] for r in rows) / len(rows),
-        }
-        for t, rows in by_task.items()
+                by_split.setdefault(s["split"], {}).setdefault(row["task"], []).append(row)
+
+    def summary(rows: list[dict]) -> dict[str, float]:
+        low, medium = _mean(rows, "psnr", "low"), _mean(rows, "psnr", "medium")
+        return {"samples": len(rows), "psnr_low": low, "psnr_medium": medium, "margin": medium - low}
+
+    per_task = {t: summary(rows) for t, rows in sorted(by_split.get("train", {}).items())}
+    for task, row in per_task.items():
+        if row["margin"] < min_margin:
+            log.warning(
+                "crossval: the medium tier of %s is only %.2f dB above its low tier (%.2f -> %.2f dB; want >= %.1f): "
+                "its tiers are hard to tell apart; train the fold restorers longer (crossval.fit.steps)",
+                task, row["margin"], row["psnr_low"], row["psnr_medium"], min_margin,
+            )  # fmt: skip
+    heldout = {
+        split: {t: summary(rows) for t, rows in sorted(tasks.items())} for split, tasks in by_split.items()
     }
+    heldout.pop("train", None)
     return {
         "format": TIER_FORMAT,
         "format_version": TIER_VERSION,
         "source_manifest_sha256": source_digest,
         "shards": shards,
-        "tasks": dict(sorted(per_task.items())),
+        "tasks": per_task,
+        "heldout": heldout,
         "folds": [
             {k: r[k] for k in ("fold", "trained_on", "restored", "psnr_low", "psnr_medium", "val_psnr")}
             for r in records
@@ -190,12 +221,13 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "seed": cfg.seed,
         "tile": cfg.crossval.tile,
         "overlap": cfg.crossval.overlap,
+        "restore_splits": list(cfg.crossval.restore_splits),
         "tracking": ctx.tracking(),
     }
     ray_ready(ctx)
     records = run_folds(folds, job, cfg.crossval.parallel_folds)
     tiers = storage.join(ctx.out, "tiers")
-    manifest_out = tier_manifest(records, inputs["synth"].outputs["manifest_sha256"])
+    manifest_out = tier_manifest(records, inputs["synth"].outputs["manifest_sha256"], cfg.crossval.min_margin)
     storage.write_json(storage.join(tiers, "manifest.json"), manifest_out)  # published after every tier shard
     digest = storage.sha256(storage.join(tiers, "manifest.json"))
     tracker = ctx.tracker
@@ -211,11 +243,12 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         {"samples": sum(s["samples"] for s in manifest_out["shards"])},
     )
     tracker.log_artifact(ctx.run_id, storage.local_copy(storage.join(tiers, "manifest.json")), "tiers")
-    n = sum(s["samples"] for s in manifest_out["shards"])
+    trained = [row for r in records for s in r["tier_shards"] if s["split"] == "train" for row in s["rows"]]
     metrics = {
-        "tier_samples": n,
-        "psnr_low": sum(r["psnr_low"] * sum(s["samples"] for s in r["tier_shards"]) for r in records) / max(n, 1),
-        "psnr_medium": sum(r["psnr_medium"] * sum(s["samples"] for s in r["tier_shards"]) for r in records) / max(n, 1),
+        "tier_samples": len(trained),
+        "psnr_low": _mean(trained, "psnr", "low"),
+        "psnr_medium": _mean(trained, "psnr", "medium"),
+        **{f"margin.{task}": row["margin"] for task, row in manifest_out["tasks"].items()},
     }
     tracker.log_metrics(ctx.run_id, metrics, step=0)
     return ctx.result({"tiers": tiers, "tiers_sha256": digest}, metrics)

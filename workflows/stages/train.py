@@ -38,6 +38,7 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
         "model_config": dict(t.model.config),
         "preset": t.model.preset,
         "loss": t.loss,
+        "pixel_loss": t.pixel_loss,
         "loss_weights": dict(t.loss_weights),
         "priors": resolved_priors(t.priors, inputs),
         "perceiver": learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
@@ -56,8 +57,11 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
     data = inputs["synth"].outputs["data"]
     tasks = sorted(storage.read_json(storage.join(data, "manifest.json"))["counts"]["task"])
     if cfg.train.loss == "perceive_ir":
+        from synth.tiers import shard_split
+
         tiers = inputs["crossval"].outputs["tiers"]
-        names = [s["name"] for s in storage.read_json(storage.join(tiers, "manifest.json"))["shards"] if s["samples"]]
+        entries = storage.read_json(storage.join(tiers, "manifest.json"))["shards"]
+        names = [s["name"] for s in entries if s["samples"] and shard_split(s) == "train"]  # never held-out tiers
         train, with_tiers = [storage.join(tiers, n) for n in names], True
     elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
         train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
