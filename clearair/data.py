@@ -381,6 +381,24 @@ class ShardStream(IterableDataset):
             yield batch
 
 
+def check_resample(resample: dict[str, float], tasks: TaskIndex) -> dict[str, float]:
+    """Per-task repeat factors (a task left out counts once); unknown tasks and negative factors are errors."""
+    unknown = sorted(set(resample) - set(tasks))
+    if unknown:
+        raise ValueError(f"resample names tasks {unknown} that are not training tasks {list(tasks)}")
+    bad = {t: f for t, f in resample.items() if not f >= 0}
+    if bad:
+        raise ValueError(f"resample factors must be >= 0, got {bad}")
+    return dict(resample)
+
+
+def resampled_shares(counts: dict[str, int], resample: dict[str, float]) -> tuple[dict[str, float], float]:
+    """Each task's share of draws and the length (samples) of one data epoch under ``resample``."""
+    drawn = {t: n * resample.get(t, 1.0) for t, n in counts.items()}
+    total = sum(drawn.values())
+    return {t: d / total if total else 0.0 for t, d in sorted(drawn.items())}, total
+
+
 class RestorationStream(ShardStream):
     """Restoration batches (see :func:`restoration_loader`); ``crop=None`` gives whole images, one per batch."""
 
@@ -397,31 +415,46 @@ class RestorationStream(ShardStream):
         tiers: bool = False,
         steps_per_epoch: int | None = None,
         random_crops: bool = True,
+        resample: dict[str, float] | None = None,
     ) -> None:
         super().__init__(urls, seed, shuffle, steps_per_epoch)
         if crop is None and batch_size != 1:
             raise ValueError("whole images (crop=None) come one per batch: set batch_size=1")
         self.crop, self.batch_size, self.tasks, self.recipe = crop, batch_size, tasks, recipe
         self.two_crops, self.tiers, self.random_crops = two_crops, tiers, random_crops
+        self.resample = check_resample(resample or {}, tasks)
 
-    def windows(self, sample: dict[str, Any]) -> list[Window] | None:
-        """Random windows (two with ``two_crops``), the centre window, or None for the whole image."""
+    def windows(self, sample: dict[str, Any], repeat: int = 0) -> list[Window] | None:
+        """Random windows (two with ``two_crops``), the centre window, or None for the whole image; each repeat
+        of a resampled sample gets its own."""
         h, w = sample["gt"].shape[:2]
         if self.crop is None:
             return None
         if not self.random_crops:  # evaluation: images smaller than the crop are taken whole
             return [center_window(h, w, min(self.crop, h, w))]
-        rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])
-        return random_windows(h, w, self.crop, rng, n=2 if self.two_crops else 1)
+        stream = [self.seed, self.epoch, key_seed(sample["key"])] + ([repeat] if repeat else [])
+        return random_windows(h, w, self.crop, np.random.default_rng(stream), n=2 if self.two_crops else 1)
+
+    def repeats(self, task: str, key: str) -> int:
+        """How often a sample of ``task`` is drawn this epoch: its factor's integer part, plus one with the
+        probability of its fraction (seeded by seed, rank, epoch and key), so a data epoch holds each task
+        ``factor`` times over on average and nothing is duplicated on disk."""
+        factor = self.resample.get(task, 1.0)
+        whole, fraction = int(factor), factor - int(factor)
+        if not fraction:
+            return whole
+        u = np.random.default_rng([self.seed, self.epoch, self.rank, key_seed(key), 7]).random()
+        return whole + int(u < fraction)
 
     def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         pending = []
         for item in raw:
             sample = ensure_lq(decode(item, item.get("__url__", "?")), self.recipe, self.epoch)
-            pending.append(restoration_example(sample, self.windows(sample), self.tasks, self.tiers))
-            if len(pending) == self.batch_size:
-                yield collate_restoration(pending)
-                pending = []
+            for repeat in range(self.repeats(sample["meta"]["task"], sample["key"]) if self.resample else 1):
+                pending.append(restoration_example(sample, self.windows(sample, repeat), self.tasks, self.tiers))
+                if len(pending) == self.batch_size:
+                    yield collate_restoration(pending)
+                    pending = []
         if pending and not self.resampled:
             yield collate_restoration(pending)
 
@@ -542,6 +575,7 @@ def restoration_loader(
     shuffle: int = 256,
     tiers: bool = False,
     steps_per_epoch: int | None = None,
+    resample: dict[str, float] | None = None,
 ) -> ShardLoader:
     """Training batches ``{"lq", "gt": (B, 3, crop, crop), "lq2" (another crop of the same degraded image),
     "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, 1, 3, crop, crop)`` and
@@ -552,10 +586,13 @@ def restoration_loader(
         shuffle: sample shuffle buffer per worker (0 = shard order, no shuffling).
         steps_per_epoch: resample shards and give exactly this many batches per epoch on every rank (DDP-safe);
             None = one pass over this rank's shards, partial last batch included.
+        resample: per-task repeat factors applied at read time (``{"derain": 120}``; see
+            :meth:`RestorationStream.repeats`); every repeat takes its own random crops.
     """
     dataset = RestorationStream(
-        urls, crop, batch_size, tasks, recipe, seed, two_crops, shuffle, tiers, steps_per_epoch, random_crops=True
-    )
+        urls, crop, batch_size, tasks, recipe, seed, two_crops, shuffle, tiers, steps_per_epoch, random_crops=True,
+        resample=resample,
+    )  # fmt: skip
     return ShardLoader(dataset, num_workers, epoch)
 
 

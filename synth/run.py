@@ -178,11 +178,13 @@ def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], sk
     from clearair import __version__
 
     counts: dict[str, Counter] = {k: Counter() for k in ("task", "degradation", "severity", "split")}
+    by_split: dict[str, Counter] = {}
     shard_skips = []
     for s in states.values():
         for k in ("task", "degradation", "severity"):
             counts[k].update(s["counts"][k])
         counts["split"][s["split"]] += s["samples"]
+        by_split.setdefault(s["split"], Counter()).update(s["counts"]["task"])
         shard_skips += s["skipped"]
     shards = [
         {"name": s["name"], "sha256": s["sha256"], "samples": s["samples"], "split": s["split"], "fold": s["fold"]}
@@ -197,7 +199,8 @@ def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], sk
         "recipe": recipe.model_dump(mode="json"),
         "samples": sum(s["samples"] for s in shards),
         "shards": shards,
-        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()}
+        | {"task_by_split": {split: dict(sorted(c.items())) for split, c in sorted(by_split.items())}},
         "folds": cfg.splits.folds,
         "skipped": sorted(skipped + shard_skips, key=lambda s: s["path"]),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,19 @@ def test_dead_tracking_server_fails_before_work(tmp_path, capsys):
     code = main(["run", TINY, "--workdir", str(tmp_path / "w"), "--tracking-uri", "http://127.0.0.1:9"])
     assert code == 2 and "127.0.0.1:9" in capsys.readouterr().err
     assert not (tmp_path / "w" / "stages").exists()
+
+
+def test_dry_run_prints_each_tasks_share_of_draws_and_the_data_epoch(tmp_path, capsys):
+    overrides = ["--set", "train.resample={derain: 3, denoise_15: 0.5}"]
+    cfg = load_pipeline(TINY, {"train.resample": {"derain": 3, "denoise_15": 0.5}})
+    wd, keys = Workdir(tmp_path), stage_keys(cfg)
+    data = tmp_path / "data"
+    data.mkdir()
+    counts = {"denoise_15": 20, "dehaze": 10, "derain": 10}
+    (data / "manifest.json").write_text(json.dumps({"counts": {"task_by_split": {"train": counts}}}))
+    wd.publish(StageResult("synth", keys["synth"], {"data": str(data)}))
+    assert main(["run", TINY, "--workdir", str(tmp_path), "--dry-run", *overrides]) == 0
+    train_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train"))
+    # drawn: denoise_15 20 x 0.5 = 10, dehaze 10, derain 10 x 3 = 30 -> 20%, 20%, 60% of a 50-sample data epoch
+    assert "dehaze 20%" in train_line and "denoise_15 20%" in train_line and "derain 60%" in train_line
+    assert "data epoch 50 samples" in train_line

@@ -62,12 +62,22 @@ class Fit(Strict):
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
 
 
+RESAMPLE = "Per-task repeat factors of a data epoch, applied at read time ({derain: 120}); a task left out counts once."
 PIXEL_LOSS = "The pixel term: l1 (the papers) or mse (learns sparse residuals such as rain in few steps)."
 
 
 class CrossvalConfig(Strict):
     model: ModelSpec = ModelSpec()
+    priors: dict[str, Any] = added_field(
+        {"kind": "none"}, description="clearair.priors spec of a guided fold restorer (a plain Restormer needs none)."
+    )
+    allow_random_frozen: bool = added_field(False, description="Random-init frozen priors (tiny demo models only).")
+    loss: Literal["l1", "perceive_ir"] = added_field(
+        "l1", description="l1 (the paper's plain restorer), or perceive_ir's loss for a guided fold restorer."
+    )
+    loss_weights: dict[str, float] = added_field({}, description="Fields of LossWeights with loss: perceive_ir.")
     pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
+    resample: dict[str, float] = added_field({}, description=RESAMPLE)
     fit: Fit = Fit(steps=20000, global_batch=4, crop=128)
     tile: int | None = Field(512, ge=32, description="Tile size for restoring held-out images (None: whole image).")
     overlap: int = Field(32, ge=0)
@@ -108,6 +118,7 @@ class TrainConfig(Strict):
     model: ModelSpec = ModelSpec(arch="perceive_ir")
     loss: Literal["l1", "perceive_ir", "clearair"] = "perceive_ir"
     pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
+    resample: dict[str, float] = added_field({}, description=RESAMPLE)
     loss_weights: dict[str, float] = {}
     priors: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"}, description="clearair.priors spec.")
     vgg: str | dict[str, Any] | None = "torchvision"
@@ -153,8 +164,9 @@ class PipelineConfig(Strict):
     def _consistent(self) -> PipelineConfig:
         if self.synth.splits.folds < 2:
             raise ValueError("synth.splits.folds must be >= 2: the medium tier comes from held-out folds")
-        if self.train.loss == "perceive_ir" and self.train.model.arch not in ("perceive_ir", "nafnet_guided"):
-            raise ValueError(f"train.loss perceive_ir needs a guided model, not {self.train.model.arch!r}")
+        for name, section in (("crossval", self.crossval), ("train", self.train)):
+            if section.loss == "perceive_ir" and section.model.arch not in ("perceive_ir", "nafnet_guided"):
+                raise ValueError(f"{name}.loss perceive_ir needs a guided model, not {section.model.arch!r}")
         return self
 
     def section_digest(self, stage: str) -> str:

@@ -63,13 +63,24 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     return keys
 
 
-def resources(cfg: PipelineConfig, stage: str) -> str:
-    """What a stage asks of the cluster, for --dry-run."""
+def resources(cfg: PipelineConfig, stage: str, train_counts: dict[str, int] | None = None) -> str:
+    """What a stage asks of the cluster, for --dry-run; for a training stage with per-task resampling, each
+    task's share of draws and the data-epoch length (once the synth stage is cached and the counts are known)."""
     fit = {"crossval": cfg.crossval.fit, "train": cfg.train.fit}.get(stage)
     if fit is not None:
         per = f"{fit.cpus_per_worker:g} CPU" + (" + 1 GPU" if fit.use_gpu else "")
         count = f"{cfg.synth.splits.folds} folds x " if stage == "crossval" else ""
-        return f"{count}{fit.workers} worker(s) x ({per}), {fit.steps} steps, global batch {fit.global_batch}"
+        line = f"{count}{fit.workers} worker(s) x ({per}), {fit.steps} steps, global batch {fit.global_batch}"
+        resample = getattr(cfg, stage).resample
+        if not resample:
+            return line
+        if not train_counts:
+            return f"{line}; resample {resample} (shares once synth is cached)"
+        from clearair.data import resampled_shares
+
+        shares, epoch = resampled_shares(train_counts, resample)
+        parts = ", ".join(f"{t} {100 * v:.0f}%" for t, v in shares.items())
+        return f"{line}; draws: {parts}; data epoch {epoch:.0f} samples"
     if stage == "synth":
         return "1 CPU per shard task, all CPUs of the cluster"
     if stage == "perceiver":
@@ -82,6 +93,16 @@ def resources(cfg: PipelineConfig, stage: str) -> str:
             return f"nothing to precompute: {reason}"
         return f"1 Ray task per training shard ({'1 GPU' if cfg.priors.use_gpu else '1 CPU'} each)"
     return "1 task (CPU)"
+
+
+def _train_counts(workdir: Workdir, keys: dict[str, str]) -> dict[str, int] | None:
+    """Samples per task of the training split, from a cached synth stage's manifest (None before synthesis)."""
+    synth = workdir.cached("synth", keys["synth"])
+    try:
+        manifest = storage.read_json(storage.join(synth.outputs["data"], "manifest.json")) if synth else None
+    except OSError:
+        return None
+    return manifest["counts"].get("task_by_split", {}).get("train") if manifest else None
 
 
 def selected(options: Options) -> tuple[list[str], set[str]]:
@@ -100,6 +121,7 @@ def plan(cfg: PipelineConfig, options: Options) -> list[dict]:
     """One row per stage: key, cached or not, whether it will run, resources."""
     workdir, keys = Workdir(options.workdir), stage_keys(cfg)
     visit, forced = selected(options)
+    counts = _train_counts(workdir, keys) if cfg.crossval.resample or cfg.train.resample else None
     rows = []
     for stage in STAGES:
         cached = workdir.cached(stage, keys[stage]) is not None
@@ -110,7 +132,7 @@ def plan(cfg: PipelineConfig, options: Options) -> list[dict]:
                 "key": keys[stage][:12],
                 "cached": cached,
                 "runs": runs,
-                "resources": resources(cfg, stage),
+                "resources": resources(cfg, stage, counts),
             }
         )
     return rows

@@ -31,7 +31,7 @@ def _mean(rows: list[dict], key: str, tier: str) -> float:
 
 
 def restore_fold(
-    model, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train"
+    model, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train", priors=None
 ) -> list[dict]:
     """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer); returns the shard
     records (name, sha256, samples, split, psnr...). Training shards become ``f<fold>-NNNNNN.tar``, shards of a
@@ -46,7 +46,8 @@ def restore_fold(
     for url in held:
         members, rows = [], []
         for s in iter_shard(url):
-            medium = to_numpy(restore_image(model, to_tensor(s["lq"])[None], tile=tile, overlap=overlap)[0])
+            lq = to_tensor(s["lq"])[None]
+            medium = to_numpy(restore_image(model, lq, priors_fn=priors, tile=tile, overlap=overlap)[0])
             scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in (("low", s["lq"]), ("medium", medium))}
             meta = {
                 "key": s["key"],
@@ -82,10 +83,11 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
         "arch": cv.model.arch,
         "model_config": dict(cv.model.config),
         "preset": cv.model.preset,
-        "loss": "l1",
+        "loss": cv.loss,
         "pixel_loss": cv.pixel_loss,
-        "loss_weights": {},
-        "priors": {"kind": "none"},
+        "loss_weights": dict(cv.loss_weights),
+        "priors": dict(cv.priors),
+        "allow_random_frozen": cv.allow_random_frozen,
         "perceiver": None,
         "vgg": None,
         "lr": cv.fit.lr,
@@ -115,17 +117,22 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
         f"fold{fold}",
         storage.join(out, "ray"),
         job["module"],
-        {"train": train, "val": job["val"], "tasks": job["tasks"]},
+        {"train": train, "val": job["val"], "tasks": job["tasks"], "resample": job["resample"]},
         job["fit"],
         job["seed"] + fold,
         {**tr, "run_id": run_id},
     )
+    from clearair.priors import build_priors
+
     model = restorer_from_checkpoint(fit["checkpoint"])
-    shards = restore_fold(model, held, storage.join(out, "tiers"), fold, job["tile"], job["overlap"])
+    module = job["module"]
+    priors = build_priors(module["priors"], module["allow_random_frozen"])  # the frozen parts it trained with
+    tiers, tile, overlap = storage.join(out, "tiers"), job["tile"], job["overlap"]
+    shards = restore_fold(model, held, tiers, fold, tile, overlap, priors=priors)
     heldout = [u for split in job["restore_splits"] for u in shard_paths(data, split)] if fold == 0 else []
     for split in job["restore_splits"] if fold == 0 else ():  # fold 0's restorer saw no val or test image
         urls = shard_paths(data, split)
-        shards += restore_fold(model, urls, storage.join(out, "tiers"), fold, job["tile"], job["overlap"], split)
+        shards += restore_fold(model, urls, tiers, fold, tile, overlap, split, priors)
     record = {
         "fold": fold,
         "trained_on": [storage.name(u) for u in train],
@@ -222,6 +229,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "tile": cfg.crossval.tile,
         "overlap": cfg.crossval.overlap,
         "restore_splits": list(cfg.crossval.restore_splits),
+        "resample": dict(cfg.crossval.resample),
         "tracking": ctx.tracking(),
     }
     ray_ready(ctx)

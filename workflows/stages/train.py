@@ -67,7 +67,8 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
         train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
     else:
         train, with_tiers = shard_paths(data, "train"), False
-    return {"train": train, "val": shard_paths(data, "val"), "tasks": tasks, "tiers": with_tiers}
+    val = shard_paths(data, "val")
+    return {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": dict(cfg.train.resample)}
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:

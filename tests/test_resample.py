@@ -1,0 +1,67 @@
+"""Per-task resampling at read time: each task's share of draws follows its factor on every rank, repeats of a
+sample take their own crops, and nothing is duplicated on disk."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from clearair.data import RestorationStream, TaskIndex, resampled_shares
+from tests.test_lightning import tier_sample, write_tar
+
+COUNTS = {"denoise": 120, "derain": 40}
+FACTORS = {"denoise": 0.5, "derain": 3.0}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("resample")
+    rng = np.random.default_rng(0)
+    samples = [tier_sample(f"{t}{i:03d}", t, rng, size=16) for t, n in COUNTS.items() for i in range(n)]
+    order = rng.permutation(len(samples))
+    return [
+        write_tar(out / f"t-{i:06d}.tar", sum((samples[j] for j in order[i : i + 8]), []))
+        for i in range(0, len(samples), 8)
+    ]
+
+
+def _draws(shards: list[str], rank: int, epochs: int, steps: int) -> Counter:
+    stream = RestorationStream(shards, 8, 10, TaskIndex(COUNTS), seed=3, two_crops=False, steps_per_epoch=steps,
+                               resample=FACTORS)  # fmt: skip
+    stream.rank, stream.world_size = rank, 2
+    tasks = Counter()
+    for epoch in range(epochs):
+        stream.epoch = epoch
+        for batch in stream:
+            tasks.update(stream.tasks.name(int(t)) for t in batch["task"])
+    return tasks
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_task_gets_its_share_of_draws_on_every_rank(shards, rank) -> None:
+    target, epoch_length = resampled_shares(COUNTS, FACTORS)
+    assert epoch_length == 120 * 0.5 + 40 * 3
+    drawn = _draws(shards, rank, epochs=20, steps=50)  # 20 x 50 batches x 10 = 10,000 draws
+    total = sum(drawn.values())
+    assert total == 10_000
+    for task, share in target.items():
+        assert abs(drawn[task] / total - share) <= 0.02, (task, drawn, target)
+
+
+def test_repeats_take_their_own_crops_and_are_deterministic(shards) -> None:
+    stream = RestorationStream(shards, 8, 1, TaskIndex(COUNTS), seed=3, two_crops=False, resample=FACTORS)
+    sample = {"key": "derain000", "gt": np.zeros((16, 16, 3), np.uint8)}
+    first, again, other = stream.windows(sample, 0), stream.windows(sample, 0), stream.windows(sample, 1)
+    assert first == again and first != other
+    no_resample = RestorationStream(shards, 8, 1, TaskIndex(COUNTS), seed=3, two_crops=False)
+    assert no_resample.windows(sample) == first  # repeat 0 draws the crops a stream without resampling draws
+    assert [stream.repeats("derain", f"k{i}") for i in range(5)] == [3] * 5
+
+
+def test_unknown_tasks_and_negative_factors_are_refused(shards) -> None:
+    with pytest.raises(ValueError, match="not training tasks"):
+        RestorationStream(shards, 8, 1, TaskIndex(COUNTS), resample={"dehaze": 2})
+    with pytest.raises(ValueError, match=">= 0"):
+        RestorationStream(shards, 8, 1, TaskIndex(COUNTS), resample={"derain": -1})
