@@ -33,7 +33,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,28 +135,49 @@ def decode(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- windows
 
 
+AUGMENTS = ("hflip", "dihedral")
+
+
 @dataclass(frozen=True)
 class Window:
-    """A square crop ``[y, y + size) x [x, x + size)`` of an image, then a horizontal flip if ``flip``."""
+    """A square crop ``[y, y + size) x [x, x + size)`` of an image, then a horizontal flip if ``flip``, then
+    ``rot`` quarter turns counter-clockwise: with ``rot`` in 0..3 the eight symmetries of the square."""
 
     y: int
     x: int
     size: int
     flip: bool = False
+    rot: int = 0
 
     def apply(self, img: np.ndarray) -> np.ndarray:
-        out = img[self.y : self.y + self.size, self.x : self.x + self.size]
-        return np.ascontiguousarray(out[:, ::-1] if self.flip else out)
+        return self.orient(img[self.y : self.y + self.size, self.x : self.x + self.size])
+
+    def orient(self, img: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """The flip and rotation on the two image axes ``axes`` (rows, columns) of an already cropped array."""
+        out = np.flip(img, axes[1]) if self.flip else img
+        return np.ascontiguousarray(np.rot90(out, self.rot, axes) if self.rot else out)
 
 
-def random_windows(h: int, w: int, size: int, rng: np.random.Generator, n: int = 1) -> list[Window]:
-    """``n`` independent random windows of ``size`` with random flips; ShardFormatError if the image is smaller."""
+def check_augment(augment: str) -> str:
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    return augment
+
+
+def random_windows(
+    h: int, w: int, size: int, rng: np.random.Generator, n: int = 1, augment: str = "hflip"
+) -> list[Window]:
+    """``n`` independent random windows of ``size``, each with a random horizontal flip (``augment="hflip"``) or
+    one of the eight dihedral symmetries (``"dihedral"``, as PromptIR's training data code draws); ShardFormatError
+    if the image is smaller than ``size``."""
+    check_augment(augment)
     if h < size or w < size:
         raise ShardFormatError(f"image {w}x{h} is smaller than the crop size {size}")
     windows = []
     for _ in range(n):
         y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        windows.append(Window(y, x, size, bool(rng.random() < 0.5)))
+        flip = bool(rng.random() < 0.5)
+        windows.append(Window(y, x, size, flip, int(rng.integers(0, 4)) if augment == "dihedral" else 0))
     return windows
 
 
@@ -176,8 +197,7 @@ def crop_prior(prior: np.ndarray, window: Window, image_hw: tuple[int, int], out
     centres = (np.arange(out_size) + 0.5) * window.size / out_size  # window pixels
     rows = np.clip(((window.y + centres) * h / big_h).astype(int), 0, h - 1)
     cols = np.clip(((window.x + centres) * w / big_w).astype(int), 0, w - 1)
-    out = prior[:, rows][:, :, cols]
-    return np.ascontiguousarray(out[:, :, ::-1] if window.flip else out)
+    return window.orient(prior[:, rows][:, :, cols], axes=(1, 2))
 
 
 def key_seed(key: str) -> int:
@@ -381,8 +401,9 @@ class ShardStream(IterableDataset):
             yield batch
 
 
-def check_resample(resample: dict[str, float], tasks: TaskIndex) -> dict[str, float]:
-    """Per-task repeat factors (a task left out counts once); unknown tasks and negative factors are errors."""
+def check_resample(resample: dict[str, float], tasks: Collection[str]) -> dict[str, float]:
+    """Per-task repeat factors (a task left out counts once); unknown tasks and negative factors are errors
+    (the pipeline checks them against the synth manifest before a training job starts)."""
     unknown = sorted(set(resample) - set(tasks))
     if unknown:
         raise ValueError(f"resample names tasks {unknown} that are not training tasks {list(tasks)}")
@@ -416,6 +437,7 @@ class RestorationStream(ShardStream):
         steps_per_epoch: int | None = None,
         random_crops: bool = True,
         resample: dict[str, float] | None = None,
+        augment: str = "hflip",
     ) -> None:
         super().__init__(urls, seed, shuffle, steps_per_epoch)
         if crop is None and batch_size != 1:
@@ -423,6 +445,7 @@ class RestorationStream(ShardStream):
         self.crop, self.batch_size, self.tasks, self.recipe = crop, batch_size, tasks, recipe
         self.two_crops, self.tiers, self.random_crops = two_crops, tiers, random_crops
         self.resample = check_resample(resample or {}, tasks)
+        self.augment = check_augment(augment)
 
     def windows(self, sample: dict[str, Any], repeat: int = 0) -> list[Window] | None:
         """Random windows (two with ``two_crops``), the centre window, or None for the whole image; each repeat
@@ -433,7 +456,8 @@ class RestorationStream(ShardStream):
         if not self.random_crops:  # evaluation: images smaller than the crop are taken whole
             return [center_window(h, w, min(self.crop, h, w))]
         stream = [self.seed, self.epoch, key_seed(sample["key"])] + ([repeat] if repeat else [])
-        return random_windows(h, w, self.crop, np.random.default_rng(stream), n=2 if self.two_crops else 1)
+        rng = np.random.default_rng(stream)
+        return random_windows(h, w, self.crop, rng, n=2 if self.two_crops else 1, augment=self.augment)
 
     def repeats(self, task: str, key: str) -> int:
         """How often a sample of ``task`` is drawn this epoch: its factor's integer part, plus one with the
@@ -576,6 +600,7 @@ def restoration_loader(
     tiers: bool = False,
     steps_per_epoch: int | None = None,
     resample: dict[str, float] | None = None,
+    augment: str = "hflip",
 ) -> ShardLoader:
     """Training batches ``{"lq", "gt": (B, 3, crop, crop), "lq2" (another crop of the same degraded image),
     "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, 1, 3, crop, crop)`` and
@@ -588,10 +613,12 @@ def restoration_loader(
             None = one pass over this rank's shards, partial last batch included.
         resample: per-task repeat factors applied at read time (``{"derain": 120}``; see
             :meth:`RestorationStream.repeats`); every repeat takes its own random crops.
+        augment: ``"hflip"`` (a random horizontal flip per crop) or ``"dihedral"`` (one of the eight symmetries of
+            the square: flips and quarter turns, the same for ``lq``, ``gt``, ``medium`` and map priors).
     """
     dataset = RestorationStream(
         urls, crop, batch_size, tasks, recipe, seed, two_crops, shuffle, tiers, steps_per_epoch, random_crops=True,
-        resample=resample,
+        resample=resample, augment=augment,
     )  # fmt: skip
     return ShardLoader(dataset, num_workers, epoch)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,8 +60,12 @@ class Fit(Strict):
         2, ge=0, description="Worker failures Ray Train recovers from by restoring the checkpoint."
     )
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
+    augment: Literal["hflip", "dihedral"] = added_field(
+        "hflip", description="Per-crop augmentation: a random horizontal flip, or one of the 8 dihedral symmetries."
+    )
 
 
+Factors = dict[str, Annotated[float, Field(ge=0)]]
 RESAMPLE = "Per-task repeat factors of a data epoch, applied at read time ({derain: 120}); a task left out counts once."
 PIXEL_LOSS = "The pixel term: l1 (the papers) or mse (learns sparse residuals such as rain in few steps)."
 
@@ -77,7 +81,7 @@ class CrossvalConfig(Strict):
     )
     loss_weights: dict[str, float] = added_field({}, description="Fields of LossWeights with loss: perceive_ir.")
     pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
-    resample: dict[str, float] = added_field({}, description=RESAMPLE)
+    resample: Factors = added_field({}, description=RESAMPLE)
     fit: Fit = Fit(steps=20000, global_batch=4, crop=128)
     tile: int | None = Field(512, ge=32, description="Tile size for restoring held-out images (None: whole image).")
     overlap: int = Field(32, ge=0)
@@ -118,7 +122,7 @@ class TrainConfig(Strict):
     model: ModelSpec = ModelSpec(arch="perceive_ir")
     loss: Literal["l1", "perceive_ir", "clearair"] = "perceive_ir"
     pixel_loss: Literal["l1", "mse"] = added_field("l1", description=PIXEL_LOSS)
-    resample: dict[str, float] = added_field({}, description=RESAMPLE)
+    resample: Factors = added_field({}, description=RESAMPLE)
     loss_weights: dict[str, float] = {}
     priors: dict[str, Any] = Field(default_factory=lambda: {"kind": "none"}, description="clearair.priors spec.")
     vgg: str | dict[str, Any] | None = "torchvision"

@@ -87,6 +87,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         tiers=data.get("tiers", False),
         steps_per_epoch=fit["val_every"] * config["accumulation"],
         resample=data.get("resample"),
+        augment=fit["augment"],
     )
     val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
     callbacks = [RayTrainReportCallback()]

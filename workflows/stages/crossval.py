@@ -212,6 +212,7 @@ def tier_manifest(records: list[dict[str, Any]], source_digest: str, min_margin:
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    from clearair.data import check_resample
     from synth.read import shard_paths
 
     data = inputs["synth"].outputs["data"]
@@ -229,7 +230,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "tile": cfg.crossval.tile,
         "overlap": cfg.crossval.overlap,
         "restore_splits": list(cfg.crossval.restore_splits),
-        "resample": dict(cfg.crossval.resample),
+        "resample": check_resample(cfg.crossval.resample, manifest["counts"]["task"]),
         "tracking": ctx.tracking(),
     }
     ray_ready(ctx)

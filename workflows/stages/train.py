@@ -52,6 +52,7 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
 
 
 def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
+    from clearair.data import check_resample
     from synth.read import shard_paths
 
     data = inputs["synth"].outputs["data"]
@@ -68,7 +69,8 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
     else:
         train, with_tiers = shard_paths(data, "train"), False
     val = shard_paths(data, "val")
-    return {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": dict(cfg.train.resample)}
+    resample = check_resample(cfg.train.resample, tasks)  # a misspelt task fails here, not in a Ray worker
+    return {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": resample}
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:

@@ -1,5 +1,6 @@
-"""Per-task resampling at read time: each task's share of draws follows its factor on every rank, repeats of a
-sample take their own crops, and nothing is duplicated on disk."""
+"""The training reader's data protocol. Per-task resampling at read time: each task's share of draws follows its
+factor on every rank, repeats of a sample take their own crops, and nothing is duplicated on disk. Augmentation:
+the eight dihedral symmetries, applied alike to every image of a sample and to its map priors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from clearair.data import RestorationStream, TaskIndex, resampled_shares
+from clearair.data import RestorationStream, TaskIndex, Window, crop_prior, random_windows, resampled_shares
 from tests.test_lightning import tier_sample, write_tar
 
 COUNTS = {"denoise": 120, "derain": 40}
@@ -65,3 +66,38 @@ def test_unknown_tasks_and_negative_factors_are_refused(shards) -> None:
         RestorationStream(shards, 8, 1, TaskIndex(COUNTS), resample={"dehaze": 2})
     with pytest.raises(ValueError, match=">= 0"):
         RestorationStream(shards, 8, 1, TaskIndex(COUNTS), resample={"derain": -1})
+
+
+def test_the_paper_pipeline_draws_the_papers_data_epoch() -> None:
+    """perceive_ir_3task's factors on PromptIR's training set (BSD400 + WED once per sigma, Rain100L's 200 pairs,
+    RESIDE OTS's 72,135) give Perceive-IR's stage-2 epoch: ~206K draws, ~35% rain."""
+    from workflows.config import load_pipeline
+
+    cfg = load_pipeline("perceive_ir_3task")
+    counts = {"denoise_15": 5144, "denoise_25": 5144, "denoise_50": 5144, "derain": 200, "dehaze": 72135}
+    shares, epoch = resampled_shares(counts, cfg.train.resample)
+    assert 200_000 <= epoch <= 212_000 and 0.33 <= shares["derain"] <= 0.37
+    _, medium_epoch = resampled_shares(counts, cfg.crossval.resample)  # PromptIR's mix: ~142K
+    assert 138_000 <= medium_epoch <= 146_000
+
+
+def test_dihedral_crops_take_all_eight_symmetries_and_maps_move_with_pixels() -> None:
+    rng = np.random.default_rng(0)
+    drawn = {(w.flip, w.rot) for w in random_windows(64, 64, 32, rng, n=200, augment="dihedral")}
+    assert drawn == {(f, r) for f in (False, True) for r in range(4)}
+    assert {w.rot for w in random_windows(64, 64, 32, rng, n=50)} == {0}  # the default: horizontal flips only
+    coords = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)  # every pixel names its position
+    image = np.repeat(coords[..., None], 3, axis=2)
+    views = set()
+    for flip, rot in sorted(drawn):
+        window = Window(8, 24, 32, flip, rot)
+        crop = window.apply(image)
+        assert np.array_equal(crop[..., 1], crop[..., 0])  # channels stay together
+        assert np.array_equal(crop_prior(coords[None], window, (64, 64), out_size=32)[0], crop[..., 0])
+        views.add(crop[..., 0].tobytes())
+    assert len(views) == 8  # eight different views of one window
+
+
+def test_stream_refuses_an_unknown_augmentation(shards) -> None:
+    with pytest.raises(ValueError, match="augment"):
+        RestorationStream(shards, 8, 1, TaskIndex(COUNTS), augment="mixup")
