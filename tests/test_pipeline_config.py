@@ -23,6 +23,14 @@ def test_bundled_pipelines_validate():
         assert load_pipeline(name).name == name
 
 
+def test_paper_pipelines_test_on_data_that_never_picked_a_checkpoint():
+    for name in ("perceive_ir_3task", "perceive_ir_5task", "clearair_allweather"):
+        cfg = load_pipeline(name)
+        assert "val" not in cfg.evaluate.splits and cfg.evaluate.benchmarks, name
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        load_pipeline(TINY, {"evaluate.splits": [], "evaluate.benchmarks": []})
+
+
 def test_unknown_key_names_field_and_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_pipeline(TINY, {"train.fit.stepz": 3})

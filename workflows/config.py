@@ -168,6 +168,8 @@ class PipelineConfig(Strict):
     def _consistent(self) -> PipelineConfig:
         if self.synth.splits.folds < 2:
             raise ValueError("synth.splits.folds must be >= 2: the medium tier comes from held-out folds")
+        if not self.evaluate.splits and not self.evaluate.benchmarks:
+            raise ValueError("evaluate has nothing to evaluate: give evaluate.splits or evaluate.benchmarks")
         for name, section in (("crossval", self.crossval), ("train", self.train)):
             if section.loss == "perceive_ir" and section.model.arch not in ("perceive_ir", "nafnet_guided"):
                 raise ValueError(f"{name}.loss perceive_ir needs a guided model, not {section.model.arch!r}")
