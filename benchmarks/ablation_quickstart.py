@@ -86,7 +86,8 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
     fit = cfg.train.fit
     loader = restoration_loader(data["train"], fit.crop, fit.global_batch, TaskIndex(data["tasks"]), seed=seed,
                                 tiers=data["tiers"], steps_per_epoch=fit.val_every,
-                                resample=data["resample"], augment=fit.augment)  # fmt: skip
+                                resample=data["resample"], augment=fit.augment,
+                                fresh_noise=fit.fresh_noise)  # fmt: skip
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, loader)

@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synth.imageio import decode_png
-from synth.read import ShardFormatError, decode_sample, ensure_lq, iter_raw, to_tensor
+from synth.read import ShardFormatError, decode_sample, ensure_lq, fresh_lq, iter_raw, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +438,7 @@ class RestorationStream(ShardStream):
         random_crops: bool = True,
         resample: dict[str, float] | None = None,
         augment: str = "hflip",
+        fresh_noise: bool = False,
     ) -> None:
         super().__init__(urls, seed, shuffle, steps_per_epoch)
         if crop is None and batch_size != 1:
@@ -446,6 +447,7 @@ class RestorationStream(ShardStream):
         self.two_crops, self.tiers, self.random_crops = two_crops, tiers, random_crops
         self.resample = check_resample(resample or {}, tasks)
         self.augment = check_augment(augment)
+        self.fresh_noise = fresh_noise
 
     def windows(self, sample: dict[str, Any], repeat: int = 0) -> list[Window] | None:
         """Random windows (two with ``two_crops``), the centre window, or None for the whole image; each repeat
@@ -470,12 +472,20 @@ class RestorationStream(ShardStream):
         u = np.random.default_rng([self.seed, self.epoch, self.rank, key_seed(key), 7]).random()
         return whole + int(u < fraction)
 
+    def redraw(self, sample: dict[str, Any], repeat: int) -> dict[str, Any]:
+        """The sample with new noise in its LQ (the low tier of a tier sample) for this draw, keyed by (seed, key,
+        epoch, repeat); samples that cannot be redrawn (paired, haze, rain) come back as stored. A tier sample's
+        medium stays the restoration made at crossval time of the stored draw."""
+        lq = fresh_lq(sample, [self.seed, key_seed(sample["key"]), self.epoch, repeat, 13])
+        return sample if lq is None else {**sample, "lq": lq}
+
     def batches(self, raw: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         pending = []
         for item in raw:
             sample = ensure_lq(decode(item, item.get("__url__", "?")), self.recipe, self.epoch)
             for repeat in range(self.repeats(sample["meta"]["task"], sample["key"]) if self.resample else 1):
-                pending.append(restoration_example(sample, self.windows(sample, repeat), self.tasks, self.tiers))
+                draw = self.redraw(sample, repeat) if self.fresh_noise else sample
+                pending.append(restoration_example(draw, self.windows(sample, repeat), self.tasks, self.tiers))
                 if len(pending) == self.batch_size:
                     yield collate_restoration(pending)
                     pending = []
@@ -601,6 +611,7 @@ def restoration_loader(
     steps_per_epoch: int | None = None,
     resample: dict[str, float] | None = None,
     augment: str = "hflip",
+    fresh_noise: bool = False,
 ) -> ShardLoader:
     """Training batches ``{"lq", "gt": (B, 3, crop, crop), "lq2" (another crop of the same degraded image),
     "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, 1, 3, crop, crop)`` and
@@ -615,10 +626,12 @@ def restoration_loader(
             :meth:`RestorationStream.repeats`); every repeat takes its own random crops.
         augment: ``"hflip"`` (a random horizontal flip per crop) or ``"dihedral"`` (one of the eight symmetries of
             the square: flips and quarter turns, the same for ``lq``, ``gt``, ``medium`` and map priors).
+        fresh_noise: draw new noise into the LQ of every synthetic noise sample for every draw
+            (:meth:`RestorationStream.redraw`), as PromptIR trains; other samples are read as stored.
     """
     dataset = RestorationStream(
         urls, crop, batch_size, tasks, recipe, seed, two_crops, shuffle, tiers, steps_per_epoch, random_crops=True,
-        resample=resample, augment=augment,
+        resample=resample, augment=augment, fresh_noise=fresh_noise,
     )  # fmt: skip
     return ShardLoader(dataset, num_workers, epoch)
 

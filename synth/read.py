@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from synth import storage
+from synth.degradations import Context, apply_steps
 from synth.imageio import decode_png
 
 SAFE_SUFFIXES = ("gt.png", "lq.png", "json", "depth.npy")
@@ -103,6 +104,23 @@ def ensure_lq(sample: dict[str, Any], recipe, epoch: int) -> dict[str, Any]:
         sample["gt"], meta["task"], recipe, meta["seed"], meta["key"], meta["variant"], sample.get("depth"), epoch
     )
     return sample
+
+
+# Degradations a reader may draw anew from the clean image alone (no depth map, no paired source).
+RENEWABLE = ("gaussian_noise", "poisson_noise")
+
+
+def fresh_lq(sample: dict[str, Any], stream: list[int]) -> np.ndarray | None:
+    """A new draw of a synthetic noise sample's LQ from its GT: the recorded degradation steps with their recorded
+    parameters (the same sigma or peak), new noise from ``stream`` (the caller's seed, key, epoch, repeat). None
+    for samples that cannot be redrawn: paired data, or steps other than :data:`RENEWABLE` (haze needs depth)."""
+    meta = sample["meta"]
+    steps = meta.get("degradations") or []
+    if meta.get("origin") != "synthetic" or not steps or any(st["degradation"] not in RENEWABLE for st in steps):
+        return None
+    fixed = [{"degradation": st["degradation"], "severity": st["severity"], "params": st["params"]} for st in steps]
+    lq, _ = apply_steps(sample["gt"], fixed, np.random.default_rng(stream), Context())
+    return lq
 
 
 def random_crops(gt: np.ndarray, lq: np.ndarray, size: int, rng: np.random.Generator, n: int = 1) -> list[tuple]:

@@ -4,12 +4,14 @@ the eight dihedral symmetries, applied alike to every image of a sample and to i
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from clearair.data import RestorationStream, TaskIndex, Window, crop_prior, random_windows, resampled_shares
+from synth.imageio import encode_png
 from tests.test_lightning import tier_sample, write_tar
 
 COUNTS = {"denoise": 120, "derain": 40}
@@ -101,3 +103,51 @@ def test_dihedral_crops_take_all_eight_symmetries_and_maps_move_with_pixels() ->
 def test_stream_refuses_an_unknown_augmentation(shards) -> None:
     with pytest.raises(ValueError, match="augment"):
         RestorationStream(shards, 8, 1, TaskIndex(COUNTS), augment="mixup")
+
+
+def _noise_tier_shard(path, sigma: float) -> str:
+    """Two tier samples on a mid-grey 64x64 image (no clipping): one synthetic sigma-``sigma`` noise sample with
+    its recorded steps, as crossval writes them, and one paired rain sample, which cannot be redrawn."""
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    noisy = np.clip(grey + np.random.default_rng(9).normal(0, sigma, grey.shape), 0, 255).astype(np.uint8)
+    steps = [{"degradation": "gaussian_noise", "severity": "medium",
+              "params": {"sigma": sigma, "mode": "promptir", "gray": 0}}]  # fmt: skip
+    metas = {
+        "n0": {"task": "denoise", "origin": "synthetic", "seed": 0, "variant": 0, "degradations": steps},
+        "r0": {"task": "derain", "origin": "paired", "seed": 0, "variant": 0, "degradations": []},
+    }
+    members = []
+    for key, meta in metas.items():
+        meta |= {"key": key, "fold": 0, "psnr": {"low": 20.0, "medium": 25.0}, "ssim": {"low": 0.5, "medium": 0.6}}
+        tiers = {"low": noisy, "medium": grey, "high": grey}
+        members += [(f"{key}.{t}.png", encode_png(img)) for t, img in tiers.items()]
+        members.append((f"{key}.json", json.dumps(meta).encode()))
+    return write_tar(path, members)
+
+
+def _low_tiers(url: str, epoch: int, fresh: bool) -> dict[str, list[np.ndarray]]:
+    stream = RestorationStream([url], 64, 1, TaskIndex(COUNTS), seed=5, two_crops=False, shuffle=0, tiers=True,
+                               resample={"denoise": 3, "derain": 2}, fresh_noise=fresh)  # fmt: skip
+    stream.epoch = epoch
+    out: dict[str, list[np.ndarray]] = {}
+    for batch in stream:
+        out.setdefault(batch["key"][0], []).append(batch["lq"][0].numpy() * 255.0)
+    return out
+
+
+def test_fresh_noise_draws_new_noise_of_the_stated_sigma_per_draw(tmp_path) -> None:
+    url = _noise_tier_shard(tmp_path / "n.tar", sigma=25.0)
+    first, again, later = (_low_tiers(url, e, fresh=True) for e in (0, 0, 1))
+    draws = first["n0"]
+    assert len(draws) == 3  # three repeats of the noise sample this epoch
+    for lq in draws:  # measured: the noise has the recorded sigma (promptir floors, so its mean is ~-0.5)
+        assert abs((lq - 128.0).std() - 25.0) < 1.0 and abs((lq - 128.0).mean() + 0.5) < 0.5
+    def same(a, b) -> bool:  # the same pixels, whatever flip each draw took
+        return np.array_equal(np.sort(a, axis=None), np.sort(b, axis=None))
+
+    assert all(not same(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])  # new noise per repeat
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again["n0"], strict=True))  # same key, epoch, repeat
+    assert not any(same(a, b) for a, b in zip(draws, later["n0"], strict=True))  # a new data epoch
+    stored = _low_tiers(url, 0, fresh=False)
+    assert all(same(a, stored["n0"][0]) for a in stored["n0"])  # off: the stored draw every time
+    assert len(first["r0"]) == 2 and all(same(a, stored["r0"][0]) for a in first["r0"])  # paired: never redrawn

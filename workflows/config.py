@@ -63,6 +63,9 @@ class Fit(Strict):
     augment: Literal["hflip", "dihedral"] = added_field(
         "hflip", description="Per-crop augmentation: a random horizontal flip, or one of the 8 dihedral symmetries."
     )
+    fresh_noise: bool = added_field(
+        False, description="New noise for every draw of a synthetic noise sample (PromptIR); others as stored."
+    )
 
 
 Factors = dict[str, Annotated[float, Field(ge=0)]]

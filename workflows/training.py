@@ -88,6 +88,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         steps_per_epoch=fit["val_every"] * config["accumulation"],
         resample=data.get("resample"),
         augment=fit["augment"],
+        fresh_noise=fit["fresh_noise"],
     )
     val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
     callbacks = [RayTrainReportCallback()]

@@ -57,7 +57,8 @@ def restore_fold(
                 "psnr": {t: round(v[0], 4) for t, v in scores.items()},
                 "ssim": {t: round(v[1], 5) for t, v in scores.items()},
             }
-            members += tier_members(s["key"], s["lq"], medium, s["gt"], meta)
+            provenance = {k: s["meta"][k] for k in ("origin", "seed", "variant", "degradations") if k in s["meta"]}
+            members += tier_members(s["key"], s["lq"], medium, s["gt"], {**meta, **provenance})  # for fresh noise
             rows.append(meta)
         index = storage.name(url).removesuffix(".tar").rsplit("-", 1)[1]
         name = f"f{fold}-{index}.tar" if split == "train" else storage.name(url)
