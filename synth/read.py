@@ -118,8 +118,7 @@ def fresh_lq(sample: dict[str, Any], stream: list[int]) -> np.ndarray | None:
     steps = meta.get("degradations") or []
     if meta.get("origin") != "synthetic" or not steps or any(st["degradation"] not in RENEWABLE for st in steps):
         return None
-    fixed = [{"degradation": st["degradation"], "severity": st["severity"], "params": st["params"]} for st in steps]
-    lq, _ = apply_steps(sample["gt"], fixed, np.random.default_rng(stream), Context())
+    lq, _ = apply_steps(sample["gt"], steps, np.random.default_rng(stream), Context())  # recorded params stay fixed
     return lq
 
 
