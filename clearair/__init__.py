@@ -1,6 +1,11 @@
 """ClearAIR model library: restorers, the quality perceiver, guidance modules, losses, metrics, tiled inference.
 
-Imports only torch (and transformers / open_clip where a part needs them): never Ray or MLflow.
+Imports only torch (and transformers / open_clip where a part needs them): never Ray or MLflow (MLflow only when a
+``models:/`` source is loaded). ``clearair.load_restorer`` is the one way to load a trained restorer.
 """
 
 __version__ = "0.2.0.dev0"
+
+from clearair.restorer import Restorer, RestorerLoadError, load_restorer  # noqa: E402  (after __version__)
+
+__all__ = ["Restorer", "RestorerLoadError", "__version__", "load_restorer"]

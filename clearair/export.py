@@ -1,11 +1,16 @@
 """The trained-model form (safetensors + config.json) and training checkpoints that load with ``weights_only``.
 
-An export directory holds exactly two files and nothing pickled:
+An export directory holds nothing pickled:
 
 - ``model.safetensors``: the restorer's state dict (frozen pretrained parts are never inside a restorer);
-- ``config.json``: ``{"format": "clearair-model", "format_version": 1, "arch", "config", "clearair_version",
+- ``config.json``: ``{"format": "clearair-model", "format_version": 2, "arch", "config", "clearair_version",
   "weights_sha256", "extra"}``, enough to rebuild the network with :func:`clearair.models.factory.build_model`;
-  ``extra`` holds the caller's JSON fields (the priors the model needs, training provenance).
+  ``extra`` holds the caller's JSON fields: ``priors`` (the spec of :func:`clearair.priors.build_priors`),
+  ``frozen`` (``{part: sha256}`` of the frozen parts, :func:`clearair.restorer.fingerprint`), training provenance;
+- ``parts/`` (format 2, only when the priors use them): the frozen parts this project makes itself, copied in so
+  the export loads on another machine: learned prompts (``prompts`` fields) and a reused CFE's export (``cfe``
+  fields). The priors spec then names them ``"export:parts/<field path>"``, resolved against the export
+  directory by :func:`resolve_parts`. Third-party weights (DINOv2, CLIP, an MLLM) are never copied.
 
 Both are published all-or-nothing (:func:`synth.storage.staged`: a temporary name, then a rename), weights first
 and config last (an existing config is removed before new weights land), so a directory with ``config.json`` is
@@ -35,7 +40,10 @@ log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "clearair-model"
 CHECKPOINT_FORMAT = "clearair-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PARTS_DIR = "parts"
+PART_PREFIX = "export:"
+BUNDLED_FIELDS = ("prompts", "cfe")  # priors-spec fields that name files this project makes
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _PLAIN = (str, int, float, bool, type(None))
@@ -100,6 +108,59 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     )
 
 
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def bundle_parts(spec: Any, out: Path, path: str = "") -> Any:
+    """``spec`` with every ``prompts`` / ``cfe`` location copied under ``out/parts/`` and renamed
+    ``"export:parts/<field path>[suffix]"``; other values unchanged."""
+    if isinstance(spec, list | tuple):
+        return [bundle_parts(v, out, f"{path}{i}.") for i, v in enumerate(spec)]
+    if not isinstance(spec, dict):
+        return spec
+    result = {}
+    for key, value in spec.items():
+        if key in BUNDLED_FIELDS and isinstance(value, str) and not value.startswith(PART_PREFIX):
+            result[key] = _copy_part(value, out, f"{path}{key}")
+        else:
+            result[key] = bundle_parts(value, out, f"{path}{key}.")
+    return result
+
+
+def _copy_part(location: str, out: Path, name: str) -> str:
+    import shutil
+
+    if storage.is_file(location):
+        rel = f"{PARTS_DIR}/{name}{Path(location).suffix}"
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with storage.staged(dst) as tmp:
+            shutil.copyfile(storage.local_copy(location), tmp)
+    else:
+        rel = f"{PARTS_DIR}/{name}"
+        src = storage.local_tree(location)
+        if not (src / CONFIG_NAME).is_file():
+            raise ExportFormatError(f"priors field {name!r}: {location} is neither a file nor a model export")
+        dst = out / rel
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    return PART_PREFIX + rel
+
+
+def resolve_parts(spec: Any, root: str | os.PathLike) -> Any:
+    """``spec`` with each ``"export:<rel>"`` string made a path under the export directory ``root``."""
+    if isinstance(spec, dict):
+        return {k: resolve_parts(v, root) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [resolve_parts(v, root) for v in spec]
+    if isinstance(spec, str) and spec.startswith(PART_PREFIX):
+        part = Path(root) / spec.removeprefix(PART_PREFIX)
+        if not part.exists():
+            raise ExportFormatError(f"{root} lacks {spec.removeprefix(PART_PREFIX)}, a frozen part its priors name")
+        return str(part)
+    return spec
+
+
 # ----------------------------------------------------------------------------------------------- export / load
 
 
@@ -109,7 +170,8 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
     Args:
         model: a restorer with ``arch`` and a dataclass ``config`` (as :func:`build_model` makes them).
         extra: JSON-able fields stored under config.json's ``"extra"``, e.g. the priors the model needs or
-            training provenance.
+            training provenance. The project-made files that ``extra["priors"]`` names are copied under
+            ``parts/`` (see the module docstring).
     """
     arch, cfg = getattr(model, "arch", None), _config_dict(model)
     if arch is None or cfg is None:
@@ -121,6 +183,8 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     weights, config = out / WEIGHTS_NAME, out / CONFIG_NAME
     config.unlink(missing_ok=True)  # the directory is incomplete until the new config lands
+    if "priors" in extra:
+        extra["priors"] = bundle_parts(extra["priors"], out)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with storage.staged(weights) as tmp:
         save_file(state, tmp, metadata={"format": MODEL_FORMAT, "arch": arch})

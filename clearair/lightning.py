@@ -48,12 +48,12 @@ from clearair.priors import (
     load_priors_from_batch,
     perceiver_from_config,
 )
+from clearair.restorer import CHECKPOINT_INFO, frozen_record
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("l1", "perceive_ir", "clearair")
 MAX_PSNR = 100.0  # identical images have infinite PSNR; means are taken over values capped here
-CHECKPOINT_INFO = "clearair"
 
 
 def _weights(cls: type, values: dict[str, Any] | None, loss: str) -> Any:
@@ -181,6 +181,7 @@ class RestorerModule(L.LightningModule):
         self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
         self._probe: dict[str, Tensor] | None = None
         self._val_total: Tensor | None = None
+        self._frozen_sums: dict[str, str] | None = None
 
     # --- frozen parts ------------------------------------------------------------------------------------------
 
@@ -320,20 +321,15 @@ class RestorerModule(L.LightningModule):
             self.log("val/psnr", (total[0] / total[1]).float(), prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the architecture beside the weights (plain types), so the network rebuilds without Lightning."""
-        checkpoint[CHECKPOINT_INFO] = {"arch": self.model.arch, "config": config_to_dict(self.model.config)}
-
-
-def load_restorer(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The network of a :class:`RestorerModule` checkpoint (read with ``weights_only=True``), in eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    info = ckpt.get(CHECKPOINT_INFO) if isinstance(ckpt, dict) else None
-    if info is None:
-        raise ValueError(f"{path} is not a RestorerModule checkpoint (no {CHECKPOINT_INFO!r} record)")
-    model = build_model(info["arch"], info["config"])
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model.eval()
+        """Record the architecture and the frozen parts' sums beside the weights (plain types), so the network
+        rebuilds without Lightning and a loader can tell whether it rebuilt the same frozen parts."""
+        if self._frozen_sums is None:  # the frozen parts never change: hash them once
+            self._frozen_sums = frozen_record(self.prior_provider)
+        checkpoint[CHECKPOINT_INFO] = {
+            "arch": self.model.arch,
+            "config": config_to_dict(self.model.config),
+            "frozen": self._frozen_sums,
+        }
 
 
 class PerceiverModule(L.LightningModule):

@@ -136,8 +136,7 @@ def _refuse_random(what: str, allow_random: bool) -> None:
 def _dinov2(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Module:
     if isinstance(source, dict):
         _refuse_random("DINOv2 (dict source)", allow_random)
-        with seeded(seed):
-            return load_dinov2(source)
+        return load_dinov2(source, seed)
     return load_dinov2(source)
 
 

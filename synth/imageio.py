@@ -38,8 +38,11 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im).astype(np.float64)
-        scale = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        notes.append(f"{mode} greyscale scaled from 0..{int(scale)} to 8 bit")
+        if mode == "F" and arr.size and arr.max() <= 1.0:
+            scale = 1.0  # a float image in [0, 1], as float TIFFs from image tools hold
+        else:
+            scale = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        notes.append(f"{mode} greyscale scaled from 0..{scale:g} to 8 bit")
         grey = np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
@@ -53,20 +56,25 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
+def pil_to_rgb(im: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """An open PIL image as (H, W, 3) uint8 RGB by the rules of :func:`load_rgb` (EXIF orientation applied)."""
+    notes: list[str] = []
+    transposed = ImageOps.exif_transpose(im)
+    if transposed is not im:
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation != 1:
+            notes.append(f"EXIF orientation {orientation} applied")
+    return _to_rgb(transposed, notes), notes
+
+
 def load_rgb(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Decode ``path`` fully into (H, W, 3) uint8 RGB; returns the array and the conversions applied."""
-    notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                transposed = ImageOps.exif_transpose(im)
-                if transposed is not im:
-                    orientation = im.getexif().get(0x0112, 1)
-                    if orientation != 1:
-                        notes.append(f"EXIF orientation {orientation} applied")
-                return _to_rgb(transposed, notes), notes
+                return pil_to_rgb(im)
     except BadImage:
         raise
     except Exception as err:

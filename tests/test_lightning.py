@@ -27,9 +27,10 @@ from clearair.data import (
     validation_loader,
     whole_images,
 )
-from clearair.lightning import AlignedRestore, PerceiverModule, RestorerModule, load_restorer
+from clearair.lightning import AlignedRestore, PerceiverModule, RestorerModule
 from clearair.metrics import psnr
 from clearair.priors import build_frozen_perceiver, build_priors, load_priors_from_batch
+from clearair.restorer import load_restorer
 from synth.imageio import encode_png
 from synth.read import ShardFormatError
 
@@ -310,7 +311,7 @@ def test_l1_restorer_learns_and_its_checkpoint_loads_weights_only(synth_shards, 
     assert fixed_loss() < 0.8 * before
     ckpt = torch.load(checkpoints.best_model_path, weights_only=True)
     assert ckpt["hyper_parameters"]["arch"] == "restormer" and np.isfinite(ckpt["state_dict"]["probe_psnr"])
-    restored = load_restorer(checkpoints.best_model_path)
+    restored = load_restorer(checkpoints.best_model_path, device="cpu").network
     torch.testing.assert_close(restored(fixed["lq"]), module.model.eval()(fixed["lq"]))
 
 
@@ -347,6 +348,12 @@ def test_perceive_ir_training_keeps_frozen_parts_out_of_checkpoints(tier_shards,
             reloaded.restore(batch["lq"], reloaded.priors_for(batch)),
             module.eval().restore(batch["lq"], module.priors_for(batch)),
         )
+    # the one loading API rebuilds the same DINOv2 priors from the checkpoint and checks their recorded sum
+    restorer = load_restorer(checkpoints.last_model_path, device="cpu", precision="fp32")
+    assert set(ckpt["clearair"]["frozen"]) == {"guidance"} and restorer.info["frozen"] == ckpt["clearair"]["frozen"]
+    with torch.no_grad():
+        expected = module.restore(batch["lq"], module.priors_for(batch)).clamp(0, 1)
+    torch.testing.assert_close(restorer.restore(batch["lq"]), expected)
 
 
 def test_clearair_restorer_trains_with_clue_reuse(tier_shards, tmp_path):

@@ -147,6 +147,9 @@ class EvaluateConfig(Strict):
     overlap: int = 32
     max_images: int | None = Field(None, ge=1)
     figure_crop: int = 96
+    device: Literal["auto", "cpu", "cuda"] = added_field(
+        "auto", description="Where the restorer runs (auto: CUDA when the driver has it); metrics in float32."
+    )
 
 
 class TrackingConfig(Strict):

@@ -82,18 +82,6 @@ def _scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     }
 
 
-def load_restorer(model_dir: Path):
-    """The exported model and a function computing its priors per image (the frozen parts it was trained with)."""
-    from clearair.export import load_model, read_export_config
-    from clearair.priors import build_priors
-
-    model = load_model(model_dir).eval()
-    extra = read_export_config(model_dir).get("extra") or {}
-    spec = extra.get("priors") or {"kind": "none"}
-    provider = build_priors(spec, allow_random=bool(extra.get("allow_random_frozen")))
-    return model, provider
-
-
 def evaluate_model(
     model_dir: Path,
     sets: dict[str, list[str]],
@@ -102,34 +90,30 @@ def evaluate_model(
     overlap: int,
     max_images: int | None,
     seed: int,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Per-image rows, per-(set, task) summaries with the input's scores beside, flat metrics, example images."""
-    import torch
+    from clearair.restorer import load_restorer
 
-    from clearair.inference import restore_image, to_numpy, to_tensor
-
-    model, provider = load_restorer(model_dir)
+    restorer = load_restorer(model_dir, device=device, precision="fp32")  # metrics in float32 on any device
     sources = {name: _shard_pairs(urls) for name, urls in sets.items()}
     sources |= {b["name"]: _benchmark_pairs(b, seed) for b in benchmarks}
     rows, examples = [], {}
-    with torch.inference_mode():
-        for set_name, pairs in sources.items():
-            for n, (key, task, lq, gt) in enumerate(pairs):
-                if max_images is not None and n >= max_images:
-                    break
-                out = to_numpy(
-                    restore_image(model, to_tensor(lq)[None], priors_fn=provider, tile=tile, overlap=overlap)[0]
-                )
-                rows.append(
-                    {
-                        "set": set_name,
-                        "task": task,
-                        "key": key,
-                        **_scores(out, gt),
-                        **{f"input_{k}": v for k, v in _scores(lq, gt).items()},
-                    }
-                )
-                examples.setdefault(f"{set_name}/{task}", (lq, out, gt))
+    for set_name, pairs in sources.items():
+        for n, (key, task, lq, gt) in enumerate(pairs):
+            if max_images is not None and n >= max_images:
+                break
+            out = restorer.restore(lq, tile=tile, overlap=overlap)
+            rows.append(
+                {
+                    "set": set_name,
+                    "task": task,
+                    "key": key,
+                    **_scores(out, gt),
+                    **{f"input_{k}": v for k, v in _scores(lq, gt).items()},
+                }
+            )
+            examples.setdefault(f"{set_name}/{task}", (lq, out, gt))
     summary = summarise(rows)
     return {"rows": rows, "summary": summary, "metrics": flat_metrics(summary), "examples": examples}
 

@@ -1,37 +1,24 @@
 """MLflow models-from-code entry for a ClearAIR restorer (logged by :meth:`workflows.tracking.Tracker.register_model`).
 
-MLflow runs this file when the model is logged and again when it is loaded; the weights come from the logged
-artifact ``model`` (an export directory: ``model.safetensors`` + ``config.json``), read by
-:func:`clearair.export.load_model`. Nothing is unpickled.
+MLflow runs this file when the model is loaded; the weights come from the logged artifact ``model`` (an export
+directory: ``model.safetensors`` + ``config.json`` + the project-made frozen parts under ``parts/``), read by
+:func:`clearair.restorer.load_restorer`, which also builds the frozen priors the export names (DINOv2 for
+Perceive-IR, the quality perceiver and degradation embedder for ClearAIR). The ``clearair`` and ``synth`` packages
+travel with the model (MLflow ``code_paths``), so no unpublished package has to be installed. Nothing is
+unpickled.
 
-``predict`` takes RGB images as a numpy array, one (H, W, 3) image or a batch (B, H, W, 3) of equal size, uint8 or
-float in [0, 1], and returns the restorations as (B, H, W, 3) float32 in [0, 1] (uint8 with ``output="uint8"``).
+``predict`` takes RGB images as a uint8 numpy array ``(B, H, W, 3)`` (any size; one batch holds one size) and
+returns the restorations as float32 ``(B, H, W, 3)`` in [0, 1] (uint8 with the param ``output="uint8"``).
 Params: ``tile`` (0 = whole image), ``overlap``, ``memory_budget_mb`` (0 = none), as in
-:func:`clearair.inference.restore_image`. ``model_config={"device": "cpu"}`` at load time picks the device (default:
-CUDA when available). Restorers that need priors (guidance from assessors) are not served by this entry.
-
-The ``np.ndarray`` hint on ``predict`` tells MLflow not to infer or enforce an input schema (sizes and dtypes vary).
+:func:`clearair.inference.restore_image`. ``model_config={"device": "cpu", "precision": "fp32"}`` at load time
+picks the device (default: CUDA when available) and the precision (default: bf16 on CUDA, float32 on the CPU).
 """
 
 import numpy as np
-import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from clearair.export import load_model
-from clearair.inference import restore_image
-
-
-def _to_batch(images: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) or (B, H, W, 3), uint8 or float in [0, 1] -> (B, 3, H, W) float32 in [0, 1]."""
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"expected RGB images of shape (H, W, 3) or (B, H, W, 3), got {arr.shape}")
-    scale = 255.0 if arr.dtype == np.uint8 else 1.0
-    x = torch.from_numpy(np.ascontiguousarray(arr)).float() / scale  # (B, H, W, 3)
-    return x.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+from clearair.restorer import load_restorer
 
 
 class RestorerModel(PythonModel):
@@ -39,23 +26,24 @@ class RestorerModel(PythonModel):
 
     def load_context(self, context) -> None:
         config = context.model_config or {}
-        device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(context.artifacts["model"], device=device)
+        self.restorer = load_restorer(
+            context.artifacts["model"], device=config.get("device", "auto"), precision=config.get("precision", "auto")
+        )
 
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):
         params = params or {}
-        budget = float(params.get("memory_budget_mb") or 0)
-        out = restore_image(
-            self.model,
-            _to_batch(model_input),
+        images = np.asarray(model_input)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 RGB images (B, H, W, 3), got {images.dtype} {images.shape}")
+        out = self.restorer.restore(
+            images.astype(np.float32) / 255.0,
             tile=int(params.get("tile") or 0) or None,
             overlap=int(params.get("overlap", 32)),
-            memory_budget_mb=budget or None,
-        )  # (B, 3, H, W)
-        arr = out.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+            memory_budget_mb=float(params.get("memory_budget_mb") or 0) or None,
+        )  # (B, H, W, 3) float32 in [0, 1]
         if params.get("output", "float") == "uint8":
-            return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
-        return arr
+            return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+        return out
 
 
 set_model(RestorerModel())

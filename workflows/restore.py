@@ -22,52 +22,28 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def _restorer(model: str | Path):
-    from clearair.export import ExportFormatError
-    from synth import storage
-    from workflows.evaluation import load_restorer
-
-    if storage.is_remote(model):  # an export (or a checkpoint) in an object store: read through a local copy
-        try:
-            model = storage.local_copy(model) if storage.is_file(model) else storage.local_tree(model)
-        except OSError as err:
-            raise RestoreError(f"cannot read {model}: {err}") from None
-    model = Path(model)
-    if model.is_file():  # a Lightning checkpoint of a training run
-        from workflows.training import restorer_from_checkpoint
-
-        try:
-            return restorer_from_checkpoint(model), None
-        except (KeyError, RuntimeError) as err:
-            raise RestoreError(f"{model} is not a restorer checkpoint we can load: {err}") from None
-    try:
-        return load_restorer(model)
-    except (ExportFormatError, FileNotFoundError, ValueError) as err:
-        raise RestoreError(str(err)) from None
-
-
 def restore_paths(
     model: str | Path, inputs: list[Path], out: Path, tile: int | None, overlap: int
 ) -> list[tuple[Path, Path]]:
     """Restore every image of ``inputs`` into ``out`` as PNG (any size: tiled with blending)."""
-    import torch
+    from clearair.inference import save_image
+    from clearair.restorer import RestorerLoadError, load_restorer
+    from synth.imageio import BadImage, load_rgb
 
-    from clearair.inference import load_image, restore_image, save_image, to_numpy, to_tensor
-
-    net, priors = _restorer(model)
+    try:
+        restorer = load_restorer(model)
+    except RestorerLoadError as err:
+        raise RestoreError(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    with torch.inference_mode():
-        for path in image_files(inputs):
-            try:
-                img = load_image(path)
-            except Exception as err:
-                raise RestoreError(f"cannot read image {path}: {err}") from None
-            x = to_tensor(img)[None]
-            restored = to_numpy(restore_image(net, x, priors_fn=priors, tile=tile, overlap=overlap)[0])
-            dst = out / f"{path.stem}.png"
-            save_image(dst, restored)
-            done.append((path, dst))
+    for path in image_files(inputs):
+        try:
+            img, _ = load_rgb(path)
+        except BadImage as err:
+            raise RestoreError(f"cannot read image {path}: {err}") from None
+        dst = out / f"{path.stem}.png"
+        save_image(dst, restorer.restore(img, tile=tile, overlap=overlap))
+        done.append((path, dst))
     return done
 
 

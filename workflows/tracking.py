@@ -537,19 +537,24 @@ class Tracker:
         import mlflow.pyfunc
         from mlflow.models import Model
 
+        import clearair
+        import synth
+
         mlmodel = Model(
             artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id, model_id=model.model_id
         )
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
-            with warnings.catch_warnings():  # the input example would need a model load at logging time
-                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            with warnings.catch_warnings():  # the entry declares its schema in the signature, not in type hints
+                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
                 mlflow.pyfunc.save_model(
                     path=local,
                     python_model=str(MODEL_CODE_PATH),
                     artifacts={"model": str(export_dir.resolve())},
+                    code_paths=[str(Path(p).parent) for p in (clearair.__file__, synth.__file__)],
                     mlflow_model=mlmodel,
                     signature=_model_signature(),
+                    input_example=(_input_example(), {"output": "float"}),
                     pip_requirements=_pip_requirements(),  # explicit: no inference subprocess that loads the model
                 )
             self.client.log_model_artifacts(model.model_id, str(local))
@@ -586,11 +591,14 @@ class Tracker:
 
 
 def _model_signature():
-    """Params only: the image input is a numpy array whose dtype (uint8 or float) and size vary."""
+    """uint8 RGB batches (B, H, W, 3) of any size in, float32 (B, H, W, 3) in [0, 1] out, and the tiling params."""
+    import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1, -1, 3))]),
         params=ParamSchema(
             [
                 ParamSpec("tile", "long", 0),
@@ -598,13 +606,33 @@ def _model_signature():
                 ParamSpec("memory_budget_mb", "double", 0.0),
                 ParamSpec("output", "string", "float"),
             ]
-        )
+        ),
     )
 
 
+def _input_example():
+    """One 32x32 grey-gradient image: small enough to log, a valid input for every architecture."""
+    import numpy as np
+
+    ramp = np.linspace(0, 255, 32).astype(np.uint8)  # (32,)
+    return np.tile(ramp[:, None, None], (1, 1, 32, 3))  # (1, 32, 32, 3)
+
+
+# What the model library (clearair + synth, logged as code) imports, at the versions of this environment.
+MODEL_REQUIREMENTS = (
+    "torch",
+    "numpy",
+    "safetensors",
+    "pillow",
+    "opencv-python-headless",
+    "transformers",
+    "open_clip_torch",
+    "mlflow",
+)
+
+
 def _pip_requirements() -> list[str]:
-    names = ("clearair", "torch", "safetensors", "numpy", "mlflow")
-    return [f"{p}=={package_version(p)}" if package_version(p) != "not installed" else p for p in names]
+    return [f"{p}=={package_version(p)}" if package_version(p) != "not installed" else p for p in MODEL_REQUIREMENTS]
 
 
 # ----------------------------------------------------------------------------------------------- Lightning

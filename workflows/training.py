@@ -124,7 +124,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         trainer.fit(module, train, val)
         return
     with checkpoint.as_directory() as d:
-        trainer.fit(module, train, val, ckpt_path=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME))
+        trainer.fit(
+            module, train, val, ckpt_path=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME), weights_only=True
+        )
 
 
 def fit_restorer(
@@ -191,11 +193,3 @@ def fit_restorer(
         "step": int(metrics.get("step", 0)),
         "batch_plan": plan.__dict__,
     }
-
-
-def restorer_from_checkpoint(path: str | Path):
-    """The trained restorer (eval mode) of a RestorerModule checkpoint (a local path or an ``s3://`` URI),
-    loaded with ``weights_only=True``."""
-    from clearair.lightning import load_restorer
-
-    return load_restorer(storage.local_copy(path))

@@ -49,18 +49,18 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_dinov2(source: str | dict[str, Any]) -> nn.Module:
+def load_dinov2(source: str | dict[str, Any], seed: int = 0) -> nn.Module:
     """A frozen ``transformers`` DINOv2 model.
 
     Args:
         source: a local directory written by ``save_pretrained``, a hub name already in the local cache
             (e.g. ``facebook/dinov2-base``), or a dict of ``Dinov2Config`` keyword arguments for a tiny
-            random-init model (tests, quickstart).
+            random-init model (tests, quickstart), initialised under ``seed``.
     """
     from transformers import Dinov2Config, Dinov2Model
 
     if isinstance(source, dict):
-        with seeded_init():
+        with seeded_init(seed):
             return freeze(Dinov2Model(Dinov2Config(**source)))
     try:
         model = Dinov2Model.from_pretrained(str(source), local_files_only=True)

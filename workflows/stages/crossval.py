@@ -16,12 +16,15 @@ hard to tell apart, so prompts learned on them mean little).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
+
+if TYPE_CHECKING:
+    from clearair.restorer import Restorer
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,11 @@ def _mean(rows: list[dict], key: str, tier: str) -> float:
 
 
 def restore_fold(
-    model, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train", priors=None
+    restorer: Restorer, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train"
 ) -> list[dict]:
     """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer); returns the shard
     records (name, sha256, samples, split, psnr...). Training shards become ``f<fold>-NNNNNN.tar``, shards of a
     held-out split keep their name."""
-    from clearair.inference import restore_image, to_numpy, to_tensor
     from clearair.metrics import psnr, ssim
     from synth.read import iter_shard
     from synth.tiers import tier_members
@@ -46,8 +48,7 @@ def restore_fold(
     for url in held:
         members, rows = [], []
         for s in iter_shard(url):
-            lq = to_tensor(s["lq"])[None]
-            medium = to_numpy(restore_image(model, lq, priors_fn=priors, tile=tile, overlap=overlap)[0])
+            medium = restorer.restore(s["lq"], tile=tile, overlap=overlap)
             scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in (("low", s["lq"]), ("medium", medium))}
             meta = {
                 "key": s["key"],
@@ -100,9 +101,10 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     """Train on the other folds, restore this one. Idempotent: a finished fold returns its record."""
+    from clearair.restorer import load_restorer
     from synth.read import shard_paths
     from workflows.tracking import Tracker
-    from workflows.training import fit_restorer, restorer_from_checkpoint
+    from workflows.training import fit_restorer
 
     out, data = job["out"], job["data"]
     done = storage.join(out, f"fold{fold}", "done.json")
@@ -123,17 +125,13 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
         job["seed"] + fold,
         {**tr, "run_id": run_id},
     )
-    from clearair.priors import build_priors
-
-    model = restorer_from_checkpoint(fit["checkpoint"])
-    module = job["module"]
-    priors = build_priors(module["priors"], module["allow_random_frozen"])  # the frozen parts it trained with
+    restorer = load_restorer(fit["checkpoint"], precision="fp32")  # with the frozen parts it trained with
     tiers, tile, overlap = storage.join(out, "tiers"), job["tile"], job["overlap"]
-    shards = restore_fold(model, held, tiers, fold, tile, overlap, priors=priors)
+    shards = restore_fold(restorer, held, tiers, fold, tile, overlap)
     heldout = [u for split in job["restore_splits"] for u in shard_paths(data, split)] if fold == 0 else []
     for split in job["restore_splits"] if fold == 0 else ():  # fold 0's restorer saw no val or test image
         urls = shard_paths(data, split)
-        shards += restore_fold(model, urls, tiers, fold, tile, overlap, split, priors)
+        shards += restore_fold(restorer, urls, tiers, fold, tile, overlap, split)
     record = {
         "fold": fold,
         "trained_on": [storage.name(u) for u in train],
@@ -194,9 +192,7 @@ def tier_manifest(records: list[dict[str, Any]], source_digest: str, min_margin:
                 "its tiers are hard to tell apart; train the fold restorers longer (crossval.fit.steps)",
                 task, row["margin"], row["psnr_low"], row["psnr_medium"], min_margin,
             )  # fmt: skip
-    heldout = {
-        split: {t: summary(rows) for t, rows in sorted(tasks.items())} for split, tasks in by_split.items()
-    }
+    heldout = {split: {t: summary(rows) for t, rows in sorted(tasks.items())} for split, tasks in by_split.items()}
     heldout.pop("train", None)
     return {
         "format": TIER_FORMAT,

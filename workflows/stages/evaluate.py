@@ -29,6 +29,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         overlap=cfg.evaluate.overlap,
         max_images=cfg.evaluate.max_images,
         seed=cfg.seed,
+        device=cfg.evaluate.device,
     )
     tracker = ctx.tracker
     with storage.local_output(ctx.out) as local:

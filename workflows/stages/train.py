@@ -75,16 +75,18 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     from clearair.export import export_model
-    from workflows.training import fit_restorer, restorer_from_checkpoint
+    from clearair.restorer import read_checkpoint
+    from workflows.training import fit_restorer
 
     module, data = module_args(cfg, inputs), training_data(cfg, inputs)
     ray_ready(ctx)
     fit = fit_restorer(
         "train", storage.join(ctx.out, "ray"), module, data, cfg.train.fit.model_dump(), cfg.seed, ctx.tracking()
     )
-    model = restorer_from_checkpoint(fit["checkpoint"])
+    model, record = read_checkpoint(storage.local_copy(fit["checkpoint"]))
     extra = {
         "priors": module["priors"],
+        "frozen": record["extra"]["frozen"],
         "perceiver": module["perceiver"],
         "pipeline": cfg.name,
         "allow_random_frozen": cfg.train.allow_random_frozen,
