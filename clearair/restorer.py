@@ -25,6 +25,7 @@ for third-party pretrained weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def frozen_record(provider: nn.Module | None) -> dict[str, str]:
     return {name: fingerprint(part) for name, part in provider.named_children()}
 
 
-def check_frozen(provider: nn.Module | None, recorded: dict[str, str] | None, source: str) -> None:
+def verify_frozen(provider: nn.Module | None, recorded: dict[str, str] | None, source: str) -> None:
     """Raise :class:`RestorerLoadError` if a rebuilt part's weights differ from those the model was trained with."""
     if not recorded:
         log.info("%s records no frozen-part checksums (an export of clearair 0.1): not checked", source)
@@ -99,7 +100,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA device")
     if dev.type not in ("cpu", "cuda"):
@@ -119,12 +123,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 # ----------------------------------------------------------------------------------------------- images
 
 
-def _pil_to_array(image: Any) -> np.ndarray:
-    from synth.imageio import pil_to_rgb
-
-    return pil_to_rgb(image)[0]
-
-
 def _as_batch(image: Any) -> tuple[Tensor, Any]:
     """Any image form -> ``(B, 3, H, W)`` float32 in [0, 1], and a function giving the output back in that form."""
     if isinstance(image, Tensor):
@@ -138,8 +136,9 @@ def _as_batch(image: Any) -> tuple[Tensor, Any]:
             raise TypeError(f"cannot restore a {type(image).__name__}: give a numpy array, a PIL image or a tensor")
         from PIL import Image
 
-        arr = _pil_to_array(image)
-        x, back = _as_batch(arr)
+        from synth.imageio import pil_to_rgb
+
+        x, back = _as_batch(pil_to_rgb(image)[0])
         return x, lambda y: Image.fromarray(back(y))
     if image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise ValueError(f"expected an RGB array (H, W, 3) or (B, H, W, 3), got shape {image.shape}")
@@ -226,6 +225,7 @@ class Restorer:
 def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The network of a RestorerModule checkpoint (``weights_only=True``) and its record: ``arch``, ``config``,
     ``extra`` (``priors``, ``allow_random_frozen``, ``frozen``), in the shape an export's config.json has."""
+    from clearair.export import check_state_dict
     from clearair.models.factory import build_model
 
     try:
@@ -241,8 +241,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     hp = ckpt.get("hyper_parameters") or {}
     model = build_model(info["arch"], info["config"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    from clearair.export import check_state_dict
-
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
     extra = {
@@ -309,8 +307,6 @@ def find_export(root: Path, source: str) -> Path:
     candidates += sorted(p.parent for p in root.glob(f"artifacts/*/{CONFIG_NAME}"))
     for c in candidates:
         try:
-            import json
-
             if json.loads((c / CONFIG_NAME).read_text()).get("format") == MODEL_FORMAT:
                 return c
         except (OSError, ValueError):
@@ -347,7 +343,7 @@ def build_frozen(extra: dict[str, Any], source: str, check: bool = True) -> nn.M
     except ValueError as err:
         raise RestorerLoadError(f"{source}: its priors spec cannot be built: {err}") from None
     if check:
-        check_frozen(provider, extra.get("frozen"), source)
+        verify_frozen(provider, extra.get("frozen"), source)
     return provider
 
 

@@ -132,7 +132,7 @@ def test_a_crafted_checkpoint_runs_no_code_even_when_torch_is_told_to_unpickle(t
     assert not marker.exists()
 
 
-def test_bad_sources_are_named(tmp_path):
+def test_bad_sources_are_named(tmp_path, monkeypatch):
     with pytest.raises(RestorerLoadError, match="no such model"):
         load_restorer(tmp_path / "nothing")
     pickled = tmp_path / "evil.ckpt"
@@ -145,8 +145,8 @@ def test_bad_sources_are_named(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RestorerLoadError, match="no usable CUDA"):
             load_restorer(tmp_path / "half", device="cuda")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(RestorerLoadError, match="MLFLOW_TRACKING_URI"):
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
         load_restorer("models:/x@champion")
 
 
