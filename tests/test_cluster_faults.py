@@ -84,6 +84,18 @@ def shards_written_on(out: Path, node_id: str) -> int:
     return sum(s.get("node") == node_id for s in states)
 
 
+# how the state API can name a task attempt lost with its node: NODE_DIED when the GCS marks the node dead first,
+# WORKER_DIED when the owner sees the worker's connection drop first
+DIED_WITH_NODE = ("NODE_DIED", "WORKER_DIED")
+
+
+def running_on(address: str, node_id: str) -> bool:
+    from ray.util.state import list_tasks
+
+    filters = [("func_or_class_name", "=", "_write_shard_task"), ("state", "=", "RUNNING"), ("node_id", "=", node_id)]
+    return bool(list_tasks(address=address, filters=filters, limit=10, raise_on_missing_output=False))
+
+
 def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_path):
     out = tmp_path / "ds"  # both runs write to the same path, so even the manifests' configs agree
     subprocess.run(synth_cli(out), env=ENV, cwd=REPO, check=True, timeout=300)  # reference: its own local Ray
@@ -95,8 +107,10 @@ def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_p
             synth_cli(out, "--ray-address", cluster.address), env=ENV, cwd=REPO, start_new_session=True
         )
         try:
-            wait_for(lambda: shards_written_on(out, worker.node_id), proc)
-            time.sleep(0.2)  # off the instant its task returned: the node is now busy with its next shard
+            # a shard already written there, and another one the cluster knows is running there: killing the node
+            # then always hits a task mid-write (a fixed sleep raced the task's start and its first state report)
+            node = worker.node_id
+            wait_for(lambda: shards_written_on(out, node) and running_on(cluster.address, node), proc)
             cluster.remove_node(worker, allow_graceful=False)  # raylet killed; its workers die with it
             assert proc.wait(timeout=300) == 0
         finally:
@@ -108,8 +122,9 @@ def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_p
             limit=1000,
             raise_on_missing_output=False,
         )
-    lost = [t for t in tasks if t.state == "FAILED" and t.error_type == "NODE_DIED"]
-    assert lost and all(t.node_id == worker.node_id for t in lost)  # a shard task died with its node ...
+    lost = [t for t in tasks if t.state == "FAILED" and t.error_type in DIED_WITH_NODE]
+    seen = [(t.attempt_number, t.state, t.error_type, t.node_id) for t in tasks if t.state != "FINISHED"]
+    assert lost and all(t.node_id == worker.node_id for t in lost), seen  # a shard task died with its node ...
     retried = {t.task_id for t in tasks if t.attempt_number > 0 and t.state == "FINISHED"}
     assert {t.task_id for t in lost} <= retried  # ... and its retry finished elsewhere
     assert shard_digests(out) == shard_digests(reference)  # every shard, no partial file left behind
