@@ -155,11 +155,11 @@ def perceiver_config(config: dict[str, Any] | PerceiverConfig) -> PerceiverConfi
 
 
 def perceiver_from_config(config: dict[str, Any], allow_random: bool = False, seed: int = 0) -> QualityPerceiver:
-    """A perceiver with fresh, trainable prompts; a random-init CLIP (``pretrained: None``) is built under ``seed``."""
+    """A perceiver with fresh, trainable prompts drawn under ``seed`` (as is a random-init CLIP, ``pretrained:
+    None``): the same config and seed give the same starting prompts in every process."""
     cfg = perceiver_config(config)
-    if cfg.pretrained is not None:
-        return build_perceiver(cfg)
-    _refuse_random(f"CLIP {cfg.clip_model!r} (pretrained=None)", allow_random)
+    if cfg.pretrained is None:
+        _refuse_random(f"CLIP {cfg.clip_model!r} (pretrained=None)", allow_random)
     with seeded(seed):
         return build_perceiver(cfg)
 

@@ -98,3 +98,17 @@ def test_a_perceiver_on_the_shipped_model_separates_toy_tiers(shipped) -> None:
     assert accuracy >= 0.7, accuracy  # chance is 1/3
     scores = [quality_score(p) for p in probs]
     assert all(scores[i + 2] > scores[i] for i in range(0, len(scores), 3))  # clean above heavy noise, each crop
+
+
+def test_prompts_on_the_shipped_model_start_from_the_seed(shipped) -> None:
+    """A pretrained CLIP's perceiver draws its starting prompts under the seed too, so a perceiver stage repeats."""
+    from clearair.priors import perceiver_from_config
+
+    config = dataclasses.asdict(PerceiverConfig.qclip())
+    torch.manual_seed(123)  # the caller's RNG state must not matter ...
+    first = perceiver_from_config(config, seed=0).prompt_learner.state_dict()
+    again = perceiver_from_config(config, seed=0).prompt_learner.state_dict()
+    other = perceiver_from_config(config, seed=1).prompt_learner.state_dict()
+    ctx = [k for k in first if "ctx" in k]
+    assert ctx and all(torch.equal(first[k], again[k]) for k in ctx)
+    assert not all(torch.equal(first[k], other[k]) for k in ctx)  # ... and the seed must

@@ -41,12 +41,14 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
 
     tr = job["tracking"]
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
+    L.seed_everything(job["seed"], workers=True, verbose=False)  # a Ray task's RNGs start from the OS otherwise
     module = PerceiverModule(
         job["perceiver"],
         max_steps=job["steps"],
         lr=job["lr"],
         min_lr=job["min_lr"],
         allow_random_frozen=job["allow_random"],
+        seed=job["seed"],
     )
     tasks = TaskIndex(job["tasks"])
     size = job["perceiver"]["image_size"]
