@@ -210,6 +210,8 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a model directory")
     config = root / CONFIG_NAME
+    if not config.is_file() and not (root / WEIGHTS_NAME).is_file():
+        raise ExportFormatError(f"{root} is not a ClearAIR export (no {CONFIG_NAME}, no {WEIGHTS_NAME})")
     if not config.is_file():
         raise ExportFormatError(
             f"{root} has no {CONFIG_NAME}: not a complete ClearAIR export (an interrupted export leaves the weights "

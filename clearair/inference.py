@@ -291,31 +291,6 @@ def restore_image(
 # ----------------------------------------------------------------------------------------------- image files
 
 
-def _pil_to_rgb8(img) -> np.ndarray:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / 257.0 if arr.max() > 255 else arr  # 16-bit range -> 8-bit
-        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    if img.mode == "F":
-        grey = np.clip(np.round(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, rotated per its EXIF orientation.
-
-    Grey, palette and CMYK images are converted to RGB; alpha is dropped (not composited); 16-bit greyscale is
-    scaled to 8 bits.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return _pil_to_rgb8(img)
-
-
 def save_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     """Write (H, W, 3) uint8 RGB (or float in [0, 1], rounded) atomically; format from the file suffix."""
     from PIL import Image

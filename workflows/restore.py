@@ -12,39 +12,144 @@ from synth.imageio import IMAGE_EXTENSIONS
 
 
 class RestoreError(RuntimeError):
-    """A model, checkpoint or input that cannot be used; the message names it."""
+    """A model, checkpoint, input or output folder that cannot be used; the message names it."""
 
 
-def image_files(inputs: list[Path]) -> list[Path]:
-    files, missing = image_files_and_missing(inputs)
-    if missing:
-        raise RestoreError(f"input {missing[0][0]} does not exist")
-    return files
+@dataclass(frozen=True)
+class RestoreReport:
+    """What ``restore_paths`` did: ``(source, output)`` written, ``(source, output)`` left as they were
+    (``skip_existing``), and ``(source, reason)`` for each input that could not be restored."""
+
+    done: list[tuple[Path, Path]]
+    skipped: list[tuple[Path, Path]]
+    failed: list[tuple[Path, str]]
+
+
+def plan_outputs(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """Where each image of ``inputs`` is written under ``out``, and the inputs that do not exist.
+
+    An image inside a given folder keeps its path relative to that folder (``photos/a/b.jpg`` given
+    ``photos`` -> ``out/a/b.png``); a file given by name goes to ``out/<stem>.png``. Sources that would share an
+    output (``b.jpg`` and ``b.png``, or two files named alike in different folders) all keep their suffix:
+    ``b.jpg.png`` and ``b.png.png`` (and, when even that collides, a running number). When ``out`` lies
+    inside a given folder, the images already under it are not inputs, so ``--out photos/restored`` can be
+    rerun on ``photos``. Raises
+    :class:`RestoreError` when an output would replace one of the inputs.
+    """
+    planned: list[tuple[Path, Path]] = []
+    missing: list[tuple[Path, str]] = []
+    out_dir = out.resolve()
+    for given in inputs:
+        if given.is_dir():
+            files = sorted(f for f in given.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if out_dir != given.resolve() and out_dir.is_relative_to(given.resolve()):  # earlier outputs: no inputs
+                files = [f for f in files if not f.resolve().is_relative_to(out_dir)]
+            planned += [(f, f.relative_to(given).with_suffix("")) for f in files]
+        elif given.is_file():
+            planned.append((given, Path(given.stem)))
+        else:
+            missing.append((given, "no such file or folder"))
+    counts: dict[Path, int] = {}
+    for _, stem in planned:
+        counts[stem] = counts.get(stem, 0) + 1
+    taken: set[Path] = set()
+    outputs = []
+    for src, stem in planned:
+        name = stem.with_name(f"{stem.name}{src.suffix.lower()}") if counts[stem] > 1 else stem
+        dst, n = out / f"{name}.png", 1
+        while dst in taken:
+            n += 1
+            dst = out / f"{name}.{n}.png"
+        taken.add(dst)
+        outputs.append((src, dst))
+    sources = {src.resolve() for src, _ in outputs}
+    for src, dst in outputs:
+        if dst.resolve() in sources:
+            raise RestoreError(
+                f"restoring {src} would overwrite the input {dst}: give an --out folder apart from the inputs"
+            )
+    return outputs, missing
+
+
+def check_out_folder(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there, or raise :class:`RestoreError` saying why."""
+    import errno
+    import os
+
+    reasons = {
+        errno.ENOTDIR: "a file is in the way (a path component is not a folder)",
+        errno.EEXIST: "it exists and is not a folder",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOSPC: "no space left on the device",
+    }
+    probe = out / f".clearair-write-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+    except OSError as err:
+        why = reasons.get(err.errno, err.strerror or type(err).__name__)
+        raise RestoreError(f"cannot write to the output folder {out}: {why}") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def restore_paths(
-    model: str | Path, inputs: list[Path], out: Path, tile: int | None, overlap: int
-) -> list[tuple[Path, Path]]:
-    """Restore every image of ``inputs`` into ``out`` as PNG (any size: tiled with blending)."""
+    model: str | Path,
+    inputs: list[Path],
+    out: Path,
+    tile: int | None,
+    overlap: int,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    tracking_uri: str | None = None,
+    skip_existing: bool = False,
+    progress: bool = True,
+) -> RestoreReport:
+    """Restore every image of ``inputs`` into ``out`` as PNG (any size: tiled with blending).
+
+    Everything that would stop the whole run is checked before the first image: the model loads, the outputs
+    are planned (:func:`plan_outputs`) and the output folder takes a file. After that one bad image never stops
+    the others: it is listed in the report's ``failed``. Each output is written under a temporary name and
+    renamed, so an interrupted run leaves only whole files, and ``skip_existing`` resumes it.
+    """
     from clearair.inference import save_image
     from clearair.restorer import RestorerLoadError, load_restorer
     from synth.imageio import BadImage, load_rgb
 
+    planned, failed = plan_outputs(inputs, out)
+    if not planned:
+        what = f"; {failed[0][0]}: {failed[0][1]}" if failed else ""
+        raise RestoreError(f"no image files among the inputs ({', '.join(map(str, inputs))}){what}")
     try:
-        restorer = load_restorer(model)
+        restorer = load_restorer(model, device=device, precision=precision, tracking_uri=tracking_uri)
     except RestorerLoadError as err:
         raise RestoreError(str(err)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    done = []
-    for path in image_files(inputs):
+    check_out_folder(out)
+    done, skipped = [], []
+    for src, dst in tqdm(planned, desc="restore", unit="image", disable=not progress or len(planned) < 2):
+        if skip_existing and dst.is_file():
+            skipped.append((src, dst))
+            continue
         try:
-            img, _ = load_rgb(path)
+            img, _ = load_rgb(src)
         except BadImage as err:
-            raise RestoreError(f"cannot read image {path}: {err}") from None
-        dst = out / f"{path.stem}.png"
-        save_image(dst, restorer.restore(img, tile=tile, overlap=overlap))
-        done.append((path, dst))
-    return done
+            failed.append((src, f"cannot read the image: {err}"))
+            continue
+        try:
+            restored = restorer.restore(img, tile=tile, overlap=overlap)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            save_image(dst, restored)
+        except (RuntimeError, ValueError, OSError) as err:  # out of memory, a tile the model refuses, a full disk
+            failed.append((src, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            continue
+        done.append((src, dst))
+    return RestoreReport(done, skipped, failed)
 
 
 @dataclass(frozen=True)
