@@ -70,12 +70,13 @@ def build_perceive_ir_loss(
     vgg: str | dict[str, Any] | None,
     allow_random: bool = False,
     pixel: str = "l1",
+    clip_temperature: float | None = 1.0,
 ) -> PerceiveIRLoss:
     """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built."""
     w = _weights(LossWeights, weights, "perceive_ir")
     if w.clip and perceiver is None:
         raise ValueError("the CLIP-aware loss needs perceiver={'config': ..., 'prompts': ...} (or loss_weights clip=0)")
-    clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random)) if w.clip else None
+    clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random), clip_temperature) if w.clip else None
     dpl = DifficultyAdaptivePerceptualLoss(build_vgg_features(vgg, allow_random)) if w.dpl else None
     return PerceiveIRLoss(w, clip, dpl, pixel=pixel)
 
@@ -139,6 +140,8 @@ class RestorerModule(L.LightningModule):
         max_steps: length of the cosine schedule from ``lr`` to ``min_lr`` (stepped every optimizer step).
         probe_every_epoch: re-measure the probe PSNR at every epoch start (else once).
         pixel_loss: the pixel term (:data:`clearair.losses.PIXEL_LOSSES`): ``"l1"`` as the papers, or ``"mse"``.
+        clip_temperature: the CLIP-aware loss's softmax temperature (:class:`clearair.losses.ClipAwareLoss`):
+            1 (raw cosines, as the authors' code) or None (the CLIP's learned one).
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class RestorerModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         probe_every_epoch: bool = True,
         pixel_loss: str = "l1",
+        clip_temperature: float | None = 1.0,
     ) -> None:
         super().__init__()
         self.pixel = clearair_losses.pixel_loss(pixel_loss)
@@ -174,7 +178,9 @@ class RestorerModule(L.LightningModule):
             self._check_prior_dims(provider)
         self.clearair_weights = _weights(ClearAIRLossWeights, loss_weights, loss) if loss == "clearair" else None
         if loss == "perceive_ir":
-            self._frozen["loss"] = build_perceive_ir_loss(loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss)
+            self._frozen["loss"] = build_perceive_ir_loss(
+                loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature
+            )
         elif loss == "l1" and loss_weights:
             raise ValueError(f"loss 'l1' takes no loss_weights, got {sorted(loss_weights)}")
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))

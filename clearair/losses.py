@@ -67,22 +67,30 @@ def cfe_infonce(anchor: Tensor, positive: Tensor, task: Tensor, tau: float = 0.1
 
 
 class ClipAwareLoss(nn.Module):
-    """``1 - P(excellent | restored)`` under the frozen stage-1 prompts, averaged over the batch.
+    """``1 - softmax(cos(CLIP_img(R), T) / temperature)[excellent]`` under the frozen stage-1 prompts ``T``,
+    averaged over the batch.
 
-    The perceiver is frozen in place (its prompts included): gradients flow only through the frozen CLIP image
-    tower into the restored image.
+    ``temperature`` 1 takes the raw cosines, as the Perceive-IR authors' code does: in [-1, 1] the three
+    probabilities stay near a third, so the loss is a gentle pull towards "excellent". ``None`` divides by the
+    CLIP's own learned temperature (multiplies by ``logit_scale.exp()``, ~100 for OpenAI's CLIP), the sharp
+    softmax the perceiver is trained and scored with. The perceiver is frozen in place (its prompts included):
+    gradients flow only through the frozen CLIP image tower into the restored image.
     """
 
-    def __init__(self, perceiver: QualityPerceiver):
+    def __init__(self, perceiver: QualityPerceiver, temperature: float | None = 1.0):
         super().__init__()
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"the CLIP-aware loss's temperature must be > 0 (or None: CLIP's own), got {temperature}")
         self.perceiver = freeze(perceiver)
+        self.temperature = temperature
         self.excellent = TIERS.index("high")
 
     def forward(self, restored: Tensor) -> Tensor:
         with torch.no_grad():
-            prompts = self.perceiver.prompt_features()  # (3, D)
-        img = self.perceiver.encode_image(restored)  # (B, D)
-        logits = self.perceiver.clip.logit_scale.exp() * img @ prompts.T  # (B, 3)
+            prompts = self.perceiver.prompt_features()  # (3, D), unit norm
+        img = self.perceiver.encode_image(restored)  # (B, D), unit norm
+        scale = self.perceiver.clip.logit_scale.exp() if self.temperature is None else 1.0 / self.temperature
+        logits = scale * img @ prompts.T  # (B, 3)
         return 1.0 - logits.softmax(dim=-1)[:, self.excellent].mean()
 
 

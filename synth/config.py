@@ -34,7 +34,9 @@ def added_field(default: Any, *, neutral: Any = _DEFAULT, **kwargs: Any) -> Any:
     """A config field added after the first release: it enters digests (cache keys, dataset guards) only when it
     differs from ``neutral``, the JSON value that reproduces what the code did before the field existed (by default,
     ``default``). So a new field whose default keeps today's behaviour leaves every existing output cached, and a
-    later change of its default still changes the keys of configs that rely on it."""
+    later change of its default still changes the keys of configs that rely on it. A model whose added field
+    matters only for some of its configs names the others' in an ``inert_fields() -> set[str]`` method: such a
+    field stays out of their digests whatever its value."""
     neutral = default if neutral is _DEFAULT else neutral
     if isinstance(neutral, BaseModel):  # a section added later: neutral as a whole at its defaults
         neutral = neutral.model_dump(mode="json")
@@ -48,12 +50,13 @@ def digest_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[str, 
 
 
 def _prune(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    inert = model.inert_fields() if hasattr(model, "inert_fields") else set()
     for name, info in type(model).model_fields.items():
         if name not in dumped:
             continue
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         value = getattr(model, name)
-        if NEUTRAL in extra and dumped[name] == extra[NEUTRAL]:
+        if NEUTRAL in extra and (dumped[name] == extra[NEUTRAL] or name in inert):
             del dumped[name]
         elif isinstance(value, BaseModel):
             _prune(value, dumped[name])

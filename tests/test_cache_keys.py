@@ -24,20 +24,40 @@ RELEASE = Path(__file__).parent / "fixtures" / "release-0.1.0"
 RELEASE_KEYS = json.loads((RELEASE / "keys.json").read_text())["keys"]
 
 
+# Defaults changed on purpose since the release, each with the override that restores the release's behaviour:
+# the stages they feed must re-key at the new default and keep the release's keys under the override.
+CHANGED_DEFAULTS = {"train.clip_temperature": None}  # raw cosines, as the authors' code (was: CLIP's logit scale)
+DOWNSTREAM = {"train": {"train", "evaluate"}}
+
+
+def _release(pipeline: str, overrides: dict | None = None):
+    return load_pipeline(str(RELEASE / "pipelines" / f"{pipeline}.yaml"), overrides)
+
+
 @pytest.mark.parametrize("pipeline", sorted(RELEASE_KEYS))
 def test_release_pipelines_keep_their_stage_keys(pipeline: str) -> None:
-    cfg = load_pipeline(str(RELEASE / "pipelines" / f"{pipeline}.yaml"))
-    assert stage_keys(cfg) == RELEASE_KEYS[pipeline]
+    assert stage_keys(_release(pipeline, CHANGED_DEFAULTS)) == RELEASE_KEYS[pipeline]
+    changed = {stage for stage, key in stage_keys(_release(pipeline)).items() if key != RELEASE_KEYS[pipeline][stage]}
+    cfg = _release(pipeline)
+    clip_loss = cfg.train.loss == "perceive_ir" and cfg.train.loss_weights.get("clip", 1.0) != 0
+    assert changed == (DOWNSTREAM["train"] if clip_loss else set()), changed  # only where the new default acts
 
 
 def test_a_workdir_made_by_the_release_is_fully_cached(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     workdir = tmp_path / "w"
     shutil.copytree(RELEASE / "workdir", workdir)
-    assert main(["run", str(RELEASE / "pipelines" / "tiny.yaml"), "--workdir", str(workdir), "--dry-run"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] and line.split()[0]
-            in ("synth", "crossval", "perceiver", "priors", "train", "evaluate")]
-    assert len(rows) == 6
-    assert all(row[2:4] == ["yes", "skip"] for row in rows), rows
+    pipeline = str(RELEASE / "pipelines" / "tiny.yaml")
+    stages = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
+
+    def dry_run(*overrides: str) -> dict[str, list[str]]:
+        assert main(["run", pipeline, "--workdir", str(workdir), "--dry-run", *overrides]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        return {row[0]: row for row in rows if row[:1] and row[0] in stages}
+
+    rows = dry_run("--set", "train.clip_temperature=null")
+    assert len(rows) == 6 and all(row[2:4] == ["yes", "skip"] for row in rows.values()), rows
+    rows = dry_run()  # the new default trains again, and only what it feeds
+    assert {name for name, row in rows.items() if row[2:4] != ["yes", "skip"]} == DOWNSTREAM["train"], rows
 
 
 class _Before(Strict):

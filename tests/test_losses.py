@@ -65,6 +65,22 @@ def test_clip_aware_loss_falls_as_the_image_moves_to_its_ground_truth(trained_pe
     assert not any(p.requires_grad for p in trained_perceiver.parameters())
 
 
+@pytest.mark.parametrize("temperature", [1.0, 100.0, None])
+def test_clip_aware_loss_is_its_formula(trained_perceiver, temperature):
+    """1 - softmax(cos(img, prompts) / T)[excellent], by hand in float64; None: T = 1 / CLIP's logit scale."""
+    images = _noisy(_blocky(4, seed=60), 0.2, seed=61)
+    with torch.no_grad():
+        cos = (trained_perceiver.encode_image(images) @ trained_perceiver.prompt_features().T).double()
+        t = 1.0 / trained_perceiver.clip.logit_scale.exp().item() if temperature is None else temperature
+        p_excellent = torch.exp(cos[:, 2] / t) / torch.exp(cos / t).sum(dim=1)
+        got = ClipAwareLoss(trained_perceiver, temperature)(images).item()
+    assert got == pytest.approx(1.0 - p_excellent.mean().item(), abs=1e-6)
+    if temperature == 100.0:
+        assert abs(got - 2 / 3) < 0.01  # a hot softmax: every tier near a third
+    with pytest.raises(ValueError, match="temperature"):
+        ClipAwareLoss(trained_perceiver, 0.0)
+
+
 def _features(n: int, seed: int, dim: int = 16) -> torch.Tensor:
     return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 

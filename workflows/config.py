@@ -131,6 +131,18 @@ class TrainConfig(Strict):
     vgg: str | dict[str, Any] | None = "torchvision"
     allow_random_frozen: bool = Field(False, description="Random-init frozen parts (tiny demo models only).")
     fit: Fit = Fit(steps=500000, global_batch=8, crop=256)
+    clip_temperature: float | None = added_field(
+        1.0,
+        neutral=None,
+        gt=0,
+        description="Softmax temperature of the CLIP-aware loss: 1 takes the raw cosines (the Perceive-IR authors' "
+        "code); null the CLIP's own learned one (x logit_scale, clearair 0.1.0).",
+    )
+
+    def inert_fields(self) -> set[str]:
+        """Fields with no effect on this config's training (kept out of its cache key)."""
+        clip_used = self.loss == "perceive_ir" and self.loss_weights.get("clip", 1.0) != 0
+        return set() if clip_used else {"clip_temperature"}
 
 
 class Benchmark(Strict):

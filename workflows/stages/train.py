@@ -40,6 +40,7 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
         "loss": t.loss,
         "pixel_loss": t.pixel_loss,
         "loss_weights": dict(t.loss_weights),
+        "clip_temperature": t.clip_temperature,
         "priors": resolved_priors(t.priors, inputs),
         "perceiver": learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
         "vgg": t.vgg,
