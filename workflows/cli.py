@@ -439,6 +439,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from synth.distribute import use_portable_cpu
+
+    use_portable_cpu()  # before any tensor: the same CPU kernels, so the same figures, on every machine of a kind
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
