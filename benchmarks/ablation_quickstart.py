@@ -112,6 +112,9 @@ def main() -> None:
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    from synth.distribute import use_portable_cpu
+
+    use_portable_cpu()  # the kernels the pipeline's stages run with (README: the same numbers on every machine)
     import torch
 
     from workflows.config import load_pipeline

@@ -75,3 +75,11 @@ def test_score_refuses_a_file_that_is_not_a_prompts_file(tmp_path, capsys) -> No
     bad.write_bytes(b"\x00" * 16)
     assert main(["score", str(tmp_path), "--prompts", str(bad)]) == 2
     assert "not a safetensors prompts file" in capsys.readouterr().err
+
+
+def test_score_on_a_device_this_machine_lacks_fails_before_any_image(prompts, tmp_path, capsys) -> None:
+    Image.fromarray(textured(64, 80, 1)).save(tmp_path / "a.png")
+    device = "tpu" if torch.cuda.is_available() else "cuda"
+    assert main(["score", str(tmp_path), "--prompts", str(prompts), "--device", device]) == 2
+    captured = capsys.readouterr()
+    assert f"device {device!r}" in captured.err and captured.out == ""

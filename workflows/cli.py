@@ -325,13 +325,17 @@ def add_score_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--prompts", required=True, help="prompts.safetensors from the perceiver stage")
     p.add_argument("--format", choices=["text", "csv", "json"], default="text", help="json: one object per line")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from workflows.restore import RestoreError, score_paths
 
     try:
-        rows, failed = score_paths(args.prompts, [Path(p) for p in args.inputs])
+        rows, failed = score_paths(
+            args.prompts, [Path(p) for p in args.inputs], device=args.device, progress=not args.no_progress
+        )
     except RestoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -162,13 +162,15 @@ class Scored:
     probs: dict[str, float]
 
 
-def load_scorer(prompts: str | Path):
-    """The frozen perceiver of a prompts file and the crop it scores with (the view the prompts learned on)."""
+def load_scorer(prompts: str | Path, device: str = "auto"):
+    """The frozen perceiver of a prompts file on ``device`` (auto: CUDA when there is one) and the crop it scores
+    with (the view the prompts learned on)."""
     from safetensors import SafetensorError, safe_open
 
     from clearair.models.perceiver import build_perceiver
     from clearair.models.pretrained import MissingWeightsError
     from clearair.priors import perceiver_config
+    from clearair.restorer import resolve_device
     from synth import storage
 
     try:
@@ -186,14 +188,17 @@ def load_scorer(prompts: str | Path):
         raise RestoreError(f"{prompts} holds no perceiver config in its metadata: not a clearair prompts file")
     view = json.loads(meta.get("view", "null")) or {"crop": None}  # prompts of 0.1.0: whole images
     try:
+        dev = resolve_device(device)
         perceiver = build_perceiver(perceiver_config(json.loads(meta["config"])))
         perceiver.load_prompts(prompts)
     except (MissingWeightsError, ValueError) as err:
         raise RestoreError(str(err)) from None
-    return perceiver.eval(), view.get("crop")
+    return perceiver.to(dev).eval(), view.get("crop")
 
 
-def score_paths(prompts: str | Path, inputs: list[Path]) -> tuple[list[Scored], list[tuple[Path, str]]]:
+def score_paths(
+    prompts: str | Path, inputs: list[Path], device: str = "auto", progress: bool = True
+) -> tuple[list[Scored], list[tuple[Path, str]]]:
     """Quality score, tier and probabilities of every readable image of ``inputs``, and ``(path, reason)`` for
     each one that could not be read. Images are decoded as synthesis decodes them and scored on the crop grid of
     the prompts' view (:func:`clearair.scoring.grid_probabilities`)."""
@@ -201,10 +206,10 @@ def score_paths(prompts: str | Path, inputs: list[Path]) -> tuple[list[Scored], 
     from clearair.scoring import grid_probabilities, quality_score
     from synth.imageio import BadImage, load_rgb
 
-    perceiver, crop = load_scorer(prompts)
+    perceiver, crop = load_scorer(prompts, device)
     files, failed = image_files_and_missing(inputs)
     rows = []
-    for path in tqdm(files, desc="score", unit="image", disable=len(files) < 2):
+    for path in tqdm(files, desc="score", unit="image", disable=not progress or len(files) < 2):
         try:
             img, _ = load_rgb(path)
         except BadImage as err:
