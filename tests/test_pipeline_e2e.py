@@ -140,18 +140,20 @@ def test_killed_training_resumes_to_the_same_final_step(tmp_path):
 
 
 def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
-    """The quickstart (seed 0) on held-out photographs: a restorer clearly above its input on every task, and a
-    perceiver on the shipped quality-aware CLIP that orders tiers. Two seed-0 runs on one install differ
-    (README: the perceiver and train stages are not yet repeatable; dehaze +1.97 and +1.18 dB), so thresholds
-    sit below the lower of them: every task +0.5 dB and the macro +3 dB (issue 14's +1 dB a task is what the
-    README reports, not yet safe to assert), accuracy 0.65 (0.70), medium recall 0.35 (0.45), win rates 0.75 on
-    rain and haze (0.85), Spearman 0.5 on haze (0.63) and 0.3 on rain (0.48)."""
+    """The quickstart (seed 0) on held-out photographs: a restorer at least 1 dB above its input on every task, and
+    a perceiver on the shipped quality-aware CLIP that orders tiers. With the CPU kernels pinned and every stage
+    seeded, a seed-0 run gives the same figures on every machine of this kind; the thresholds sit below the lowest
+    of seeds 0, 1 and 2 (README, fresh clone, 2026-12-03): every task +1.0 dB (+1.38), macro +4 dB (+4.77),
+    accuracy 0.65 (0.68), low and high recall 0.5 (0.68), medium recall 0.35 (0.43), win rates 0.75 on rain and
+    haze (0.92), Spearman 0.5 on haze (0.60) and 0.3 on rain (0.41). The haze and rain tiers measured -1.11 to
+    +1.43 and -3.14 to +1.37 dB: the stage must warn about a margin under 1 dB, not pass it off as separable."""
     workdir = tmp_path / "qs"
     res = clearair("run", "quickstart", "--workdir", str(workdir), "--no-progress", timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     tiers = json.loads(next(workdir.glob("stages/crossval-*/tiers/manifest.json")).read_text())["tasks"]
-    assert len(tiers) == 5 and all(t["margin"] > 0 for t in tiers.values()), tiers  # medium beats low everywhere
-    assert all(tiers[f"denoise_{s}"]["margin"] >= 1.0 for s in (15, 25, 50)), tiers
+    assert len(tiers) == 5 and all(tiers[f"denoise_{s}"]["margin"] >= 1.0 for s in (15, 25, 50)), tiers
+    for task, t in tiers.items():  # haze and rain stay within ~1 dB at this size, either side of 0: said, not hidden
+        assert t["margin"] >= 1.0 or f"the medium tier of {task} is only" in res.stderr, (task, t)
     metrics = json.loads(next(workdir.glob("stages/perceiver-*/result.json")).read_text())["metrics"]
     assert metrics["heldout/accuracy"] >= 0.65, metrics  # chance: 0.33
     assert min(metrics["heldout/recall_low"], metrics["heldout/recall_high"]) >= 0.5, metrics
@@ -164,7 +166,7 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
     tasks = {r["task"]: r for r in rows if r["set"] == "synthetic-test"}
     assert len(tasks) == 6
     for name, r in tasks.items():
-        assert float(r["psnr_rgb"]) >= float(r["input_psnr_rgb"]) + (3.0 if name == "macro" else 0.5), r
+        assert float(r["psnr_rgb"]) >= float(r["input_psnr_rgb"]) + (4.0 if name == "macro" else 1.0), r
 
 
 def test_clearair_training_path_at_reduced_size(tmp_path):
