@@ -14,7 +14,6 @@ validation, the first training batch), re-measured at every epoch start and aver
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -29,10 +28,8 @@ from torch import Tensor, nn
 from clearair import losses as clearair_losses
 from clearair.inference import pad_to_multiple, size_multiple
 from clearair.losses import (
-    ClearAIRLossWeights,
     ClipAwareLoss,
     DifficultyAdaptivePerceptualLoss,
-    LossWeights,
     PerceiveIRLoss,
     clue_reuse_loss,
     difficulty_weights,
@@ -56,14 +53,6 @@ LOSSES = ("l1", "perceive_ir", "clearair")
 MAX_PSNR = 100.0  # identical images have infinite PSNR; means are taken over values capped here
 
 
-def _weights(cls: type, values: dict[str, Any] | None, loss: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values or {}) - set(names))
-    if unknown:
-        raise ValueError(f"unknown loss_weights {unknown} for loss {loss!r}; valid: {', '.join(names)}")
-    return cls(**(values or {}))
-
-
 def build_perceive_ir_loss(
     weights: dict[str, float] | None,
     perceiver: dict[str, Any] | None,
@@ -73,7 +62,7 @@ def build_perceive_ir_loss(
     clip_temperature: float | None = 1.0,
 ) -> PerceiveIRLoss:
     """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built."""
-    w = _weights(LossWeights, weights, "perceive_ir")
+    w = clearair_losses.loss_weights("perceive_ir", weights)
     if w.clip and perceiver is None:
         raise ValueError("the CLIP-aware loss needs perceiver={'config': ..., 'prompts': ...} (or loss_weights clip=0)")
     clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random), clip_temperature) if w.clip else None
@@ -176,13 +165,13 @@ class RestorerModule(L.LightningModule):
         if provider is not None:
             self._frozen["priors"] = provider
             self._check_prior_dims(provider)
-        self.clearair_weights = _weights(ClearAIRLossWeights, loss_weights, loss) if loss == "clearair" else None
+        self.clearair_weights = clearair_losses.loss_weights(loss, loss_weights) if loss == "clearair" else None
         if loss == "perceive_ir":
             self._frozen["loss"] = build_perceive_ir_loss(
                 loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature
             )
-        elif loss == "l1" and loss_weights:
-            raise ValueError(f"loss 'l1' takes no loss_weights, got {sorted(loss_weights)}")
+        else:
+            clearair_losses.loss_weights(loss, loss_weights)  # l1 takes none
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))
         self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
         self._probe: dict[str, Tensor] | None = None

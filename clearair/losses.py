@@ -7,6 +7,7 @@ Images are (B, 3, H, W) in [0, 1]. Frozen parts (the perceiver, VGG16) are passe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -281,6 +282,24 @@ class ClearAIRLossWeights:
     l1: float = 1.0
     inter: float = 0.25
     gamma: float = 0.05
+
+
+WEIGHTED_LOSSES: dict[str, type] = {"perceive_ir": LossWeights, "clearair": ClearAIRLossWeights}
+
+
+def loss_weights(loss: str, values: dict[str, float] | None) -> LossWeights | ClearAIRLossWeights | None:
+    """The weights of ``loss`` with ``values`` replacing its defaults (None for ``"l1"``, which takes none);
+    a ValueError names an unknown weight and the valid ones."""
+    if loss not in WEIGHTED_LOSSES:
+        if values:
+            raise ValueError(f"loss {loss!r} takes no loss_weights, got {sorted(values)}")
+        return None
+    cls = WEIGHTED_LOSSES[loss]
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values or {}) - set(names))
+    if unknown:
+        raise ValueError(f"unknown loss_weights {unknown} for loss {loss!r}; valid: {', '.join(names)}")
+    return cls(**(values or {}))
 
 
 class PerceiveIRLoss(nn.Module):

@@ -163,12 +163,12 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], origin
     """One line per bad field, naming it; unknown keys also list the valid keys at that level."""
     lines = [f"invalid configuration ({origin}):"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             valid = _fields_at(model, tuple(e["loc"]))
             msg = f"unknown key; valid keys: {', '.join(valid)}" if valid else "unknown key"
-        lines.append(f"  {field}: {msg}")
+        lines.append(f"  {field}: {msg}" if field else f"  {msg}")  # a whole-config check names its own fields
     return "\n".join(lines)
 
 

@@ -41,6 +41,25 @@ def test_unknown_key_names_field_and_valid_keys():
         load_pipeline("nope")
 
 
+def test_free_form_sections_are_checked_against_their_schemas_all_at_once(tmp_path, capsys):
+    bad = {
+        "train.loss_weights.cn": "1",
+        "train.model.config.dimm": "8",
+        "crossval.model.arch": "nosucharch",
+        "synth.recipe": "nonexist",
+    }
+    args = [a for k, v in bad.items() for a in ("--set", f"{k}={v}")]
+    assert main(["run", TINY, "--workdir", str(tmp_path / "w"), "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "unknown loss_weights ['cn'] for loss 'perceive_ir'; valid: l1, con, clip, dpl" in err
+    assert "train.model: unknown field(s) ['dimm']" in err
+    assert "crossval.model: unknown architecture 'nosucharch'" in err
+    assert "synth.recipe: no bundled recipe 'nonexist'" in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "stages").exists()  # refused before any stage
+    with pytest.raises(ConfigError, match="evaluate.tile"):
+        load_pipeline(TINY, {"evaluate.tile": -3})
+
+
 def test_changed_setting_rekeys_that_stage_and_downstream_only():
     a = stage_keys(load_pipeline(TINY))
     b = stage_keys(load_pipeline(TINY, {"perceiver.steps": 7}))

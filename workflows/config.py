@@ -155,8 +155,8 @@ class Benchmark(Strict):
 class EvaluateConfig(Strict):
     splits: list[Literal["val", "test"]] = ["test"]
     benchmarks: list[Benchmark] = []
-    tile: int | None = 512
-    overlap: int = 32
+    tile: int | None = Field(512, gt=0, description="Tile side for large images (null: whole images).")
+    overlap: int = Field(32, ge=0)
     max_images: int | None = Field(None, ge=1)
     figure_crop: int = 96
     device: Literal["auto", "cpu", "cuda"] = added_field(
@@ -191,6 +191,32 @@ class PipelineConfig(Strict):
         for name, section in (("crossval", self.crossval), ("train", self.train)):
             if section.loss == "perceive_ir" and section.model.arch not in ("perceive_ir", "nafnet_guided"):
                 raise ValueError(f"{name}.loss perceive_ir needs a guided model, not {section.model.arch!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _free_form_sections(self) -> PipelineConfig:
+        """The sections pydantic sees only as dicts or names, checked against their real schemas before any stage
+        runs; every problem is listed at once."""
+        from clearair.losses import loss_weights
+        from clearair.models.factory import model_config
+        from synth.recipes import RecipeError, load_recipe
+
+        problems = []
+        for name, section in (("crossval", self.crossval), ("train", self.train)):
+            try:
+                model_config(section.model.arch, dict(section.model.config), section.model.preset)
+            except (ValueError, TypeError, KeyError) as err:
+                problems.append(f"{name}.model: {err}")
+            try:
+                loss_weights(section.loss, dict(section.loss_weights))
+            except ValueError as err:
+                problems.append(f"{name}.loss_weights: {err}")
+        try:
+            load_recipe(self.synth.recipe)
+        except RecipeError as err:
+            problems.append(f"synth.recipe: {err}")
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     def section_digest(self, stage: str) -> str:

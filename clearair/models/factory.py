@@ -56,13 +56,19 @@ def build_model(arch: str, config: dict[str, Any] | None = None, preset: str = "
     Nested configs may be overridden partially (``{"backbone": {"dim": 16}}`` keeps the preset's other backbone
     fields); lists become tuples. An unknown architecture, preset or field raises a ValueError naming the valid ones.
     """
-    model_cls, cfg_cls = architecture(arch)
+    cfg = model_config(arch, config, preset)
+    log.debug("building %s with %s", arch, cfg)
+    return architecture(arch)[0](cfg)
+
+
+def model_config(arch: str, config: dict[str, Any] | None = None, preset: str = "paper") -> Any:
+    """The config dataclass :func:`build_model` would build from, without building anything (a cheap check of a
+    pipeline's model section); raises the same ValueErrors."""
+    _, cfg_cls = architecture(arch)
     if preset not in PRESETS or not hasattr(cfg_cls, preset):
         valid = [p for p in PRESETS if hasattr(cfg_cls, p)]
         raise ValueError(f"unknown preset {preset!r} for {arch!r}; valid: {', '.join(valid)}")
-    cfg = _merge(getattr(cfg_cls, preset)(), config or {})
-    log.debug("building %s with %s", arch, cfg)
-    return model_cls(cfg)
+    return _merge(getattr(cfg_cls, preset)(), config or {})
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
