@@ -165,13 +165,12 @@ class RestorerModule(L.LightningModule):
         if provider is not None:
             self._frozen["priors"] = provider
             self._check_prior_dims(provider)
-        self.clearair_weights = clearair_losses.loss_weights(loss, loss_weights) if loss == "clearair" else None
+        weights = clearair_losses.loss_weights(loss, loss_weights)  # checked for every loss: l1 takes none
+        self.clearair_weights = weights if loss == "clearair" else None
         if loss == "perceive_ir":
             self._frozen["loss"] = build_perceive_ir_loss(
                 loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature
             )
-        else:
-            clearair_losses.loss_weights(loss, loss_weights)  # l1 takes none
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))
         self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
         self._probe: dict[str, Tensor] | None = None

@@ -1,5 +1,6 @@
 """Every process of a run computes with the same CPU kernels, so machines of one kind give the same figures."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -22,8 +23,6 @@ def _has_avx2() -> bool:
 
 def _capability_of(ray):
     def probe():
-        import os
-
         import torch
 
         return {k: os.environ.get(k) for k in PORTABLE_CPU}, torch.backends.cpu.get_cpu_capability()
@@ -44,7 +43,7 @@ def test_the_cli_pins_its_own_process_before_the_first_tensor_and_keeps_a_users_
         "import sys; from workflows.cli import main; main(['workdir', 'list', '--workdir', sys.argv[1]]); "
         "import torch; print(torch.backends.cpu.get_cpu_capability())"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in PORTABLE_CPU}
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_CPU}
     pinned = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
                             cwd=REPO, check=True)  # fmt: skip
     chosen = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,

@@ -141,7 +141,9 @@ class TrainConfig(Strict):
 
     def inert_fields(self) -> set[str]:
         """Fields with no effect on this config's training (kept out of its cache key)."""
-        clip_used = self.loss == "perceive_ir" and self.loss_weights.get("clip", 1.0) != 0
+        from clearair.losses import loss_weights
+
+        clip_used = self.loss == "perceive_ir" and loss_weights(self.loss, dict(self.loss_weights)).clip != 0
         return set() if clip_used else {"clip_temperature"}
 
 

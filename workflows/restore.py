@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,22 +37,15 @@ def plan_outputs(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]]
     rerun on ``photos``. Raises
     :class:`RestoreError` when an output would replace one of the inputs.
     """
-    planned: list[tuple[Path, Path]] = []
-    missing: list[tuple[Path, str]] = []
     out_dir = out.resolve()
-    for given in inputs:
-        if given.is_dir():
-            files = sorted(f for f in given.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if out_dir != given.resolve() and out_dir.is_relative_to(given.resolve()):  # earlier outputs: no inputs
-                files = [f for f in files if not f.resolve().is_relative_to(out_dir)]
-            planned += [(f, f.relative_to(given).with_suffix("")) for f in files]
-        elif given.is_file():
-            planned.append((given, Path(given.stem)))
-        else:
-            missing.append((given, "no such file or folder"))
-    counts: dict[Path, int] = {}
-    for _, stem in planned:
-        counts[stem] = counts.get(stem, 0) + 1
+    found, missing = _walk(inputs)
+    planned = []
+    for given, f in found:
+        if f is given:
+            planned.append((f, Path(f.stem)))
+        elif out_dir == given.resolve() or not f.resolve().is_relative_to(out_dir):  # earlier outputs: no inputs
+            planned.append((f, f.relative_to(given).with_suffix("")))
+    counts = Counter(stem for _, stem in planned)
     taken: set[Path] = set()
     outputs = []
     for src, stem in planned:
@@ -223,12 +217,19 @@ def score_paths(
 
 def image_files_and_missing(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files of ``inputs`` (folders walked, sorted) and the inputs that do not exist."""
-    files, missing = [], []
+    found, missing = _walk(inputs)
+    return [f for _, f in found], missing
+
+
+def _walk(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """``(given input, image file)`` for each file of ``inputs`` (a file given by name is its own input; folders
+    walked, sorted), and ``(input, reason)`` for those that do not exist."""
+    found, missing = [], []
     for p in inputs:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [(p, f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         elif p.is_file():
-            files.append(p)
+            found.append((p, p))
         else:
             missing.append((p, "no such file or folder"))
-    return files, missing
+    return found, missing
