@@ -26,9 +26,7 @@ degradations); :meth:`ShardLoader.set_epoch` sets the next pass's epoch, e.g. wh
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -42,8 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from synth.imageio import decode_png
-from synth.read import ShardFormatError, decode_sample, ensure_lq, fresh_lq, iter_raw, to_tensor
+from synth.read import ShardFormatError, decode_member, decode_sample, ensure_lq, fresh_lq, iter_raw, to_tensor, where
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +88,7 @@ class TaskIndex:
 
 
 def decode_tier_sample(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
-    """A raw tier sample as ``{"key", "lq" (low), "medium", "gt" (high), "meta"}`` arrays, or ShardFormatError."""
+    """A raw tier sample as ``{"key", "shard", "lq" (low), "medium", "gt" (high), "meta"}``, or ShardFormatError."""
     key = raw.get("__key__", "?")
     out: dict[str, Any] = {}
     for name, data in raw.items():
@@ -99,27 +96,30 @@ def decode_tier_sample(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]
             continue
         if name not in TIER_MEMBERS:
             raise ShardFormatError(f"shard {origin}: sample {key} has member {name!r}; tier shards hold {TIER_MEMBERS}")
-        out[name] = json.loads(data) if name == "json" else decode_png(data)
+        out[name] = decode_member(name, data, origin, key)
     missing = [m for m in TIER_MEMBERS if m not in out]
     if missing:
         raise ShardFormatError(f"shard {origin}: tier sample {key} lacks {missing}")
+    if not isinstance(out["json"], dict):
+        raise ShardFormatError(f"shard {origin}: tier sample {key}, member 'json' is not a JSON object")
     shapes = {out[m].shape for m in TIER_MEMBERS[:3]}
     if len(shapes) != 1:
         raise ShardFormatError(f"shard {origin}: tier sample {key} has tiers of different sizes {sorted(shapes)}")
-    return {"key": key, "lq": out["low.png"], "medium": out["medium.png"], "gt": out["high.png"], "meta": out["json"]}
+    tiers = {"lq": out["low.png"], "medium": out["medium.png"], "gt": out["high.png"]}
+    return {"key": key, "shard": origin, **tiers, "meta": out["json"]}
 
 
 def _decode_priors(raw: dict[str, Any], origin: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Split ``prior.<name>.npy`` members off a raw sample and load them (float32, never unpickling)."""
-    priors, rest = {}, {}
+    priors, rest, key = {}, {}, raw.get("__key__", "?")
     for name, data in raw.items():
         if not name.startswith("prior."):
             rest[name] = data
             continue
         match = PRIOR_MEMBER.fullmatch(name)
         if match is None:
-            raise ShardFormatError(f"shard {origin}: member {name!r} is not a prior.<name>.npy array")
-        priors[match.group(1)] = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+            raise ShardFormatError(f"shard {origin}: sample {key}, member {name!r} is not a prior.<name>.npy array")
+        priors[match.group(1)] = decode_member(name, data, origin, key).astype(np.float32)
     return priors, rest
 
 
@@ -165,14 +165,13 @@ def check_augment(augment: str) -> str:
 
 
 def random_windows(
-    h: int, w: int, size: int, rng: np.random.Generator, n: int = 1, augment: str = "hflip"
+    h: int, w: int, size: int, rng: np.random.Generator, n: int = 1, augment: str = "hflip", origin: str = "image"
 ) -> list[Window]:
     """``n`` independent random windows of ``size``, each with a random horizontal flip (``augment="hflip"``) or
     one of the eight dihedral symmetries (``"dihedral"``, as PromptIR's training data code draws); ShardFormatError
-    if the image is smaller than ``size``."""
+    naming ``origin`` (e.g. :func:`synth.read.where` of the sample) if the image is smaller than ``size``."""
     check_augment(augment)
-    if h < size or w < size:
-        raise ShardFormatError(f"image {w}x{h} is smaller than the crop size {size}")
+    _check_size(h, w, size, origin)
     windows = []
     for _ in range(n):
         y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -181,11 +180,15 @@ def random_windows(
     return windows
 
 
-def center_window(h: int, w: int, size: int) -> Window:
+def center_window(h: int, w: int, size: int, origin: str = "image") -> Window:
     """The centred window of ``size`` (no flip)."""
-    if h < size or w < size:
-        raise ShardFormatError(f"image {w}x{h} is smaller than the crop size {size}")
+    _check_size(h, w, size, origin)
     return Window((h - size) // 2, (w - size) // 2, size)
+
+
+def _check_size(h: int, w: int, size: int, origin: str) -> None:
+    if h < size or w < size:
+        raise ShardFormatError(f"{origin}: image {w}x{h} is smaller than the crop size {size}")
 
 
 def crop_prior(prior: np.ndarray, window: Window, image_hw: tuple[int, int], out_size: int) -> np.ndarray:
@@ -228,7 +231,7 @@ def restoration_example(
         example["lq2"] = to_tensor(windows[1].apply(sample["lq"]))
     if tiers:
         if "medium" not in sample:
-            raise ShardFormatError(f"sample {sample['key']} has no medium tier: tiers=True needs tier shards")
+            raise ShardFormatError(f"{where(sample)} has no medium tier: tiers=True needs tier shards")
         example["medium"] = view(sample["medium"])[None]  # (1, 3, c, c)
         example["medium_psnr"] = float(meta["psnr"]["medium"])
     for name, prior in sample["priors"].items():
@@ -275,7 +278,7 @@ def tier_views(
     if view in ("crop", "train_crop"):
         if view == "train_crop" and crop is None:
             raise ValueError("view 'train_crop' needs the training crop size (crop=...)")
-        window = random_windows(h, w, min(h, w, image_size if view == "crop" else crop), rng)[0]
+        window = random_windows(h, w, min(h, w, image_size if view == "crop" else crop), rng, origin=where(sample))[0]
         images = [window.apply(sample[k]) for k in ("lq", "medium", "gt")]
     elif view == "resize":
         flip = bool(rng.random() < 0.5)
@@ -334,7 +337,7 @@ class ShardStream(IterableDataset):
             raise ValueError("no shard urls given")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-        self.urls = [str(u) for u in urls]
+        self.urls = [u if isinstance(u, str) else str(u) for u in urls]  # a ShardURL keeps its sha256
         self.seed, self.shuffle, self.steps_per_epoch = seed, shuffle, steps_per_epoch
         self.epoch, self.rank, self.world_size = 0, 0, 1
 
@@ -456,10 +459,11 @@ class RestorationStream(ShardStream):
         if self.crop is None:
             return None
         if not self.random_crops:  # evaluation: images smaller than the crop are taken whole
-            return [center_window(h, w, min(self.crop, h, w))]
+            return [center_window(h, w, min(self.crop, h, w), where(sample))]
         stream = [self.seed, self.epoch, key_seed(sample["key"])] + ([repeat] if repeat else [])
         rng = np.random.default_rng(stream)
-        return random_windows(h, w, self.crop, rng, n=2 if self.two_crops else 1, augment=self.augment)
+        n = 2 if self.two_crops else 1
+        return random_windows(h, w, self.crop, rng, n=n, augment=self.augment, origin=where(sample))
 
     def repeats(self, task: str, key: str) -> int:
         """How often a sample of ``task`` is drawn this epoch: its factor's integer part, plus one with the
@@ -560,7 +564,7 @@ class TierStream(ShardStream):
 
     def _views(self, sample: dict[str, Any]) -> tuple[str, list[np.ndarray]]:
         if "medium" not in sample:
-            raise ShardFormatError(f"sample {sample['key']} is not a tier sample (low/medium/high members)")
+            raise ShardFormatError(f"{where(sample)} is not a tier sample (low/medium/high members)")
         task = sample["meta"]["task"]
         self.tasks.index(task)  # unknown task -> ValueError naming the known ones
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(sample["key"])])

@@ -119,13 +119,11 @@ def heldout_report(perceiver, urls: list[str], crop: int | None, out) -> dict[st
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    from synth.tiers import shard_split
+    from synth.tiers import tier_shard_paths
 
     tiers = inputs["crossval"].outputs["tiers"]
     manifest = storage.read_json(storage.join(tiers, "manifest.json"))
-    entries = [s for s in manifest["shards"] if s["samples"]]
-    urls = [storage.join(tiers, s["name"]) for s in entries if shard_split(s) == "train"]
-    heldout = [storage.join(tiers, s["name"]) for s in entries if shard_split(s) != "train"]
+    urls, heldout = tier_shard_paths(tiers), tier_shard_paths(tiers, heldout=True)
     if heldout:
         train, val = urls, heldout
     else:  # no held-out restorations: the last quarter of the tier shards validates

@@ -59,12 +59,9 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
     data = inputs["synth"].outputs["data"]
     tasks = sorted(storage.read_json(storage.join(data, "manifest.json"))["counts"]["task"])
     if cfg.train.loss == "perceive_ir":
-        from synth.tiers import shard_split
+        from synth.tiers import tier_shard_paths
 
-        tiers = inputs["crossval"].outputs["tiers"]
-        entries = storage.read_json(storage.join(tiers, "manifest.json"))["shards"]
-        names = [s["name"] for s in entries if s["samples"] and shard_split(s) == "train"]  # never held-out tiers
-        train, with_tiers = [storage.join(tiers, n) for n in names], True
+        train, with_tiers = tier_shard_paths(inputs["crossval"].outputs["tiers"]), True  # never held-out tiers
     elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
         train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
     else:
