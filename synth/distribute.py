@@ -46,10 +46,11 @@ WORKER_ENV = {
 }
 
 
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None, num_cpus: int | None = None, worker_output: bool = True) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``, set inside a Ray job) or start a new local Ray bound to loopback,
     unless this process already has one. A cluster some earlier ``ray start`` left on the machine is never joined
-    by accident: without an address the run gets its own Ray."""
+    by accident: without an address the run gets its own Ray. ``worker_output``: the workers' stdout and stderr
+    (warnings, training progress) are printed here, prefixed with their task."""
     import ray
 
     if ray.is_initialized():
@@ -57,14 +58,14 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": WORKER_ENV}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=worker_output, runtime_env=runtime_env)
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            log_to_driver=False,
+            log_to_driver=worker_output,
             configure_logging=False,
             runtime_env=runtime_env,
         )
@@ -87,7 +88,7 @@ def run_shards(pending: list[ShardSpec], cfg: SynthConfig, recipe: Recipe, out: 
 
     from synth.run import SynthError
 
-    ensure_ray(options.ray_address, options.num_workers)
+    ensure_ray(options.ray_address, options.num_workers, options.worker_output)
     task = ray.remote(num_cpus=1, max_retries=3)(_write_shard_task)
     limit = options.num_workers or max(1, int(ray.available_resources().get("CPU", 1)))
     cfg_ref, recipe_ref = ray.put(cfg), ray.put(recipe)

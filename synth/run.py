@@ -36,6 +36,7 @@ class RunOptions:
     ray_address: str | None = None
     overwrite: bool = False
     progress: bool = True
+    worker_output: bool = True  # Ray workers' stdout/stderr reach this terminal (off with ``clearair -q``)
 
 
 def check_writable(out: str) -> None:

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # the CLI's --tracking-uri default: tests pick their stores themselves
 
 from pathlib import Path  # noqa: E402
 

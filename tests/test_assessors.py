@@ -136,7 +136,7 @@ def test_sam2_regions_pad_with_empty_masks_when_nothing_passes(tmp_path):
 def test_sam2_missing_weights_fail_fast(tmp_path):
     with pytest.raises(MissingWeightsError, match="SAM2"):
         Sam2Regions(str(tmp_path / "no-such-sam2"))
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download"):
+    with pytest.raises(MissingWeightsError, match="hf download"):
         Sam2Regions("facebook/sam2.1-hiera-large-not-cached")
 
 

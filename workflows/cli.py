@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:
         cfg = synth_config(args)
         load_recipe(cfg.recipe)
-        options = RunOptions(args.num_workers, args.ray_address, args.overwrite, not args.no_progress)
+        options = RunOptions(
+            args.num_workers, args.ray_address, args.overwrite, not args.no_progress, worker_output=not args.quiet
+        )
         manifest = synthesize(cfg, options)
     except (ConfigError, SynthError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -168,7 +171,11 @@ def add_run_parser(sub) -> None:
     p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be cached)")
     p.add_argument("--dry-run", action="store_true", help="print stages, cache state and resources; run nothing")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store inside the workdir)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite store inside the workdir)",
+    )
     p.add_argument(
         "--workdir",
         default="runs/default",
@@ -193,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.only,
         args.dry_run,
         not args.no_progress,
+        worker_output=not args.quiet,
     )
     try:
         cfg = load_pipeline(args.pipeline, _parse_set(args.set))
@@ -231,16 +239,22 @@ def add_workdir_parser(sub) -> None:
     p = sub.add_parser("workdir", help="list or drop cached stage outputs of a workdir")
     p.add_argument("action", choices=["list", "drop"])
     p.add_argument("name", nargs="?", help="with drop: a stage name or stage directory prefix")
-    p.add_argument("--workdir", default="runs/default")
+    p.add_argument("--workdir", default="runs/default", help="the workdir to read (default: runs/default)")
 
 
 def cmd_workdir(args: argparse.Namespace) -> int:
+    from synth import storage
     from workflows.context import Workdir, WorkdirLocked
 
     wd = Workdir(args.workdir)
+    if not storage.is_remote(wd.root) and not storage.exists(wd.root):  # an s3:// prefix exists once written
+        print(f"error: workdir {wd.root} does not exist (pass --workdir; `clearair run` creates it)", file=sys.stderr)
+        return 2
     if args.action == "list":
-        for e in wd.entries():
-            print(f"{e['dir']:28s} {'complete' if e['complete'] else 'partial':9s} {e['bytes'] / 1e6:10.1f} MB")
+        entries = wd.entries()
+        print(f"workdir {wd.root}: {len(entries) or 'no'} stage output{'' if len(entries) == 1 else 's'}")
+        for e in entries:
+            print(f"  {e['dir']:28s} {'complete' if e['complete'] else 'partial':9s} {e['bytes'] / 1e6:10.1f} MB")
         return 0
     if not args.name:
         print("error: drop needs a stage name (e.g. train)", file=sys.stderr)
@@ -362,7 +376,11 @@ def add_doctor_parser(sub) -> None:
     p.add_argument("pipeline", nargs="?", default="quickstart")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--ray-address")
-    p.add_argument("--tracking-uri")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the MLflow store to check (default: $MLFLOW_TRACKING_URI, else the workdir's sqlite store)",
+    )
     p.add_argument("--workdir", default="runs/default")
 
 
@@ -415,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workflows.provenance import version_line
 
     parser = argparse.ArgumentParser(prog="clearair", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    _add_verbosity(parser, False)
     parser.add_argument("--version", action="version", version=version_line(), help="print version and commit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
@@ -428,7 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_pretrain_clip_parser,
     ):
         add(sub)
+    for subparser in sub.choices.values():  # -v/-q after the subcommand too; unset there, the top level's stand
+        _add_verbosity(subparser, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log details (INFO)")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="errors and results only: no progress lines, bars or Ray worker output",
+    )
 
 
 COMMANDS = {
@@ -447,9 +479,10 @@ def main(argv: list[str] | None = None) -> int:
 
     use_portable_cpu()  # before any tensor: the same CPU kernels, so the same figures, on every machine of a kind
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     return COMMANDS[args.command](args)
 
 

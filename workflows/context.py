@@ -132,6 +132,7 @@ class RunContext:
     ray_address: str | None = None
     tracker: Any = None  # workflows.tracking.Tracker (created by the pipeline)
     progress: bool = True
+    worker_output: bool = True  # Ray workers' output reaches the driver's terminal
     # set per stage by the pipeline
     stage: str = ""
     key: str = ""

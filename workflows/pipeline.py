@@ -51,7 +51,8 @@ class Options:
     start_from: str | None = None
     only: str | None = None
     dry_run: bool = False
-    progress: bool = True
+    progress: bool = True  # progress lines and bars on stderr
+    worker_output: bool = True  # Ray workers' stdout/stderr reach this terminal
 
 
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
@@ -165,7 +166,12 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
     workdir.lock()
     try:
         ctx = RunContext(
-            workdir, uri, cfg.tracking.experiment, ray_address=options.ray_address, progress=options.progress
+            workdir,
+            uri,
+            cfg.tracking.experiment,
+            ray_address=options.ray_address,
+            progress=options.progress,
+            worker_output=options.worker_output,
         )
         tracker = ctx.tracker = Tracker(uri, cfg.tracking.experiment, ctx.artifact_root())
         parent = tracker.start_run(f"{cfg.name}", tags={**run_tags(), "clearair.pipeline": cfg.name})

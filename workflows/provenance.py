@@ -1,14 +1,18 @@
 """What produced an output: the clearair version, the commit it runs from, and the versions of its stack.
 
 Recorded on every MLflow run (tags) and in every stage's ``result.json``, and printed by ``clearair --version``.
-Read from package metadata and git only, never from environment variables, so no token can leak into a run.
+Read from package metadata, git and the password database only, never from environment variables, so no token
+can leak into a run. MLflow's standard tags come too: ``mlflow.user`` (the run's owner in its UI, otherwise
+"unknown"), ``mlflow.source.name``/``mlflow.source.type`` and ``mlflow.source.git.commit``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
+import pwd
 import socket
 import subprocess
 from pathlib import Path
@@ -17,6 +21,7 @@ import clearair
 
 VERSIONED_PACKAGES = ("clearair", "torch", "ray", "mlflow", "lightning")
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag name, so its UI links the run to the commit
+SOURCE_NAME = "clearair"  # mlflow.source.name: the entry point that made the run
 UNKNOWN = "unknown"
 
 
@@ -51,6 +56,15 @@ def version_line() -> str:
     return f"clearair {clearair.__version__} (commit {commit()})"
 
 
+def user() -> str:
+    """The name of the user running this process (its uid when the password database has none, e.g. a
+    container started with an arbitrary uid)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -61,6 +75,9 @@ def package_version(package: str) -> str:
 @functools.cache
 def _run_tags() -> tuple[tuple[str, str], ...]:
     tags = {
+        "mlflow.user": user(),
+        "mlflow.source.name": SOURCE_NAME,
+        "mlflow.source.type": "LOCAL",  # MLflow's SourceType for a run started by a local process
         GIT_COMMIT_TAG: _checkout()[0],  # a plain sha, as MLflow expects
         "clearair.commit": commit(),
         "clearair.version": clearair.__version__,

@@ -84,7 +84,7 @@ class PerceiverAssessor(FrozenEmbedder):
 
 MLLM_HOW = (
     "Download an image-text-to-text IQA model that transformers supports natively (e.g. a Qwen2.5-VL-based one) "
-    "where you have network (`huggingface-cli download ORG/NAME`, or `AutoModelForImageTextToText.from_pretrained"
+    "where you have network (`hf download ORG/NAME`, or `AutoModelForImageTextToText.from_pretrained"
     "(NAME).save_pretrained(DIR)` plus `AutoProcessor.from_pretrained(NAME).save_pretrained(DIR)`), then point the "
     "config at DIR or copy the cache to $HF_HOME."
 )

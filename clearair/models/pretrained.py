@@ -67,7 +67,7 @@ def load_dinov2(source: str | dict[str, Any], seed: int = 0) -> nn.Module:
     except OSError as err:
         raise MissingWeightsError(
             f"DINOv2 weights {source!r} are not on this machine. Download them where you have network "
-            f"(`huggingface-cli download facebook/dinov2-base`, or "
+            f"(`hf download facebook/dinov2-base`, or "
             f"`Dinov2Model.from_pretrained(...).save_pretrained(DIR)`), "
             f"then point the config at the local directory or copy the cache to $HF_HOME."
         ) from err

@@ -156,7 +156,7 @@ class DinoClusterRegions(RegionSource):
 
 SAM2_HOW = (
     "Download a SAM2 checkpoint converted for transformers where you have network "
-    "(`huggingface-cli download facebook/sam2.1-hiera-large`, or `Sam2Model.from_pretrained(NAME)"
+    "(`hf download facebook/sam2.1-hiera-large`, or `Sam2Model.from_pretrained(NAME)"
     ".save_pretrained(DIR)` and `Sam2Processor.from_pretrained(NAME).save_pretrained(DIR)`), then point the "
     "config at DIR or copy the cache to $HF_HOME."
 )

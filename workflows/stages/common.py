@@ -11,7 +11,7 @@ def ray_ready(ctx: RunContext) -> None:
     """Join the cluster of ``--ray-address`` or start a local Ray (dashboard on 127.0.0.1), once per process."""
     from synth.distribute import ensure_ray
 
-    ensure_ray(ctx.ray_address)
+    ensure_ray(ctx.ray_address, worker_output=ctx.worker_output)
 
 
 def remote_call(fn, *args: Any, num_cpus: float = 1, num_gpus: float = 0, **kwargs: Any) -> Any:

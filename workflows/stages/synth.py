@@ -15,7 +15,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     data = storage.join(ctx.out, "data")
     ray_ready(ctx)
     synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=data)
-    manifest = synthesize(synth_cfg, RunOptions(ray_address=ctx.ray_address, progress=ctx.progress))
+    manifest = synthesize(
+        synth_cfg, RunOptions(ray_address=ctx.ray_address, progress=ctx.progress, worker_output=ctx.worker_output)
+    )
     digest = storage.sha256(storage.join(data, "manifest.json"))
     tracker = ctx.tracker
     tracker.log_dataset(
