@@ -91,8 +91,12 @@ def evaluate_model(
     max_images: int | None,
     seed: int,
     device: str = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Per-image rows, per-(set, task) summaries with the input's scores beside, flat metrics, example images."""
+    """Per-image rows, per-(set, task) summaries with the input's scores beside, flat metrics, example images;
+    ``progress``: a bar per set on stderr."""
+    from tqdm import tqdm
+
     from clearair.restorer import load_restorer
 
     restorer = load_restorer(model_dir, device=device, precision="fp32")  # metrics in float32 on any device
@@ -100,7 +104,8 @@ def evaluate_model(
     sources |= {b["name"]: _benchmark_pairs(b, seed) for b in benchmarks}
     rows, examples = [], {}
     for set_name, pairs in sources.items():
-        for n, (key, task, lq, gt) in enumerate(pairs):
+        bar = tqdm(pairs, desc=f"evaluate {set_name}", unit="image", total=max_images, disable=not progress)
+        for n, (key, task, lq, gt) in enumerate(bar):
             if max_images is not None and n >= max_images:
                 break
             out = restorer.restore(lq, tile=tile, overlap=overlap)

@@ -101,6 +101,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             tr["run_id"], {"clearair.world_size": str(context.get_world_size()), "clearair.nodes": str(len(set(nodes)))}
         )
         callbacks.append(MetricsCallback(tracker, tr["run_id"]))
+    if rank == 0 and config.get("progress"):
+        from workflows.progress import ProgressLines
+
+        callbacks.append(ProgressLines(config["name"], fit["steps"], fit["global_batch"]))
     trainer = L.Trainer(
         max_steps=fit["steps"],
         max_epochs=-1,
@@ -137,6 +141,7 @@ def fit_restorer(
     fit: dict[str, Any],
     seed: int,
     tracking: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) one restorer with Ray Train; returns the best checkpoint's location and its metrics.
 
@@ -149,6 +154,7 @@ def fit_restorer(
         data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``.
         fit: a ``workflows.config.Fit`` as a dict.
         tracking: ``{"uri", "experiment", "run_id"}`` of the MLflow run that rank 0 logs metrics to.
+        progress: rank 0 prints progress lines (:mod:`workflows.progress`), labelled ``name``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -158,6 +164,8 @@ def fit_restorer(
     if plan.note:
         log.warning("%s: %s", name, plan.note)
     config = {
+        "name": name,
+        "progress": progress,
         "module": module,
         "data": data,
         "fit": fit,

@@ -16,6 +16,7 @@ hard to tell apart, so prompts learned on them mean little).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from synth import storage
@@ -34,18 +35,26 @@ def _mean(rows: list[dict], key: str, tier: str) -> float:
 
 
 def restore_fold(
-    restorer: Restorer, held: list[str], out: str, fold: int, tile: int | None, overlap: int, split: str = "train"
+    restorer: Restorer,
+    held: list[str],
+    out: str,
+    fold: int,
+    tile: int | None,
+    overlap: int,
+    split: str = "train",
+    progress: bool = False,
 ) -> list[dict]:
     """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer); returns the shard
     records (name, sha256, samples, split, psnr...). Training shards become ``f<fold>-NNNNNN.tar``, shards of a
-    held-out split keep their name."""
+    held-out split keep their name. ``progress``: a line per shard on stdout (this runs in a Ray task, whose
+    stdout reaches the driver as lines; a bar would not)."""
     from clearair.metrics import psnr, ssim
     from synth.read import iter_shard
     from synth.tiers import tier_members
     from synth.writer import publish_tar
 
-    records = []
-    for url in held:
+    records, started = [], time.monotonic()
+    for n, url in enumerate(held, 1):
         members, rows = [], []
         for s in iter_shard(url):
             medium = restorer.restore(s["lq"], tile=tile, overlap=overlap)
@@ -76,6 +85,9 @@ def restore_fold(
                 "rows": rows,
             }
         )
+        if progress:
+            took = time.monotonic() - started
+            print(f"fold{fold}: restored {split} shard {n}/{len(held)} ({took:.0f} s)", flush=True)
     return records
 
 
@@ -124,14 +136,15 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
         job["fit"],
         job["seed"] + fold,
         {**tr, "run_id": run_id},
+        progress=job["progress"],
     )
     restorer = load_restorer(fit["checkpoint"], precision="fp32")  # with the frozen parts it trained with
     tiers, tile, overlap = storage.join(out, "tiers"), job["tile"], job["overlap"]
-    shards = restore_fold(restorer, held, tiers, fold, tile, overlap)
+    shards = restore_fold(restorer, held, tiers, fold, tile, overlap, progress=job["progress"])
     heldout = [u for split in job["restore_splits"] for u in shard_paths(data, split)] if fold == 0 else []
     for split in job["restore_splits"] if fold == 0 else ():  # fold 0's restorer saw no val or test image
         urls = shard_paths(data, split)
-        shards += restore_fold(restorer, urls, tiers, fold, tile, overlap, split)
+        shards += restore_fold(restorer, urls, tiers, fold, tile, overlap, split, job["progress"])
     record = {
         "fold": fold,
         "trained_on": [storage.name(u) for u in train],
@@ -227,6 +240,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "tile": cfg.crossval.tile,
         "overlap": cfg.crossval.overlap,
         "restore_splits": list(cfg.crossval.restore_splits),
+        "progress": ctx.progress,
         "resample": check_resample(cfg.crossval.resample, manifest["counts"]["task"]),
         "tracking": ctx.tracking(),
     }

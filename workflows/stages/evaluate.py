@@ -30,6 +30,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         max_images=cfg.evaluate.max_images,
         seed=cfg.seed,
         device=cfg.evaluate.device,
+        progress=ctx.progress,
     )
     tracker = ctx.tracker
     with storage.local_output(ctx.out) as local:

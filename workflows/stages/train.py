@@ -79,7 +79,14 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     module, data = module_args(cfg, inputs), training_data(cfg, inputs)
     ray_ready(ctx)
     fit = fit_restorer(
-        "train", storage.join(ctx.out, "ray"), module, data, cfg.train.fit.model_dump(), cfg.seed, ctx.tracking()
+        "train",
+        storage.join(ctx.out, "ray"),
+        module,
+        data,
+        cfg.train.fit.model_dump(),
+        cfg.seed,
+        ctx.tracking(),
+        progress=ctx.progress,
     )
     model, record = read_checkpoint(storage.local_copy(fit["checkpoint"]))
     extra = {
