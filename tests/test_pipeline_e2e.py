@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,8 +129,16 @@ def test_killed_training_resumes_to_the_same_final_step(tmp_path):
     proc.wait()
     before = sorted(p.name for p in workdir.glob("stages/train-*/ray/train/checkpoint_*"))
     assert before and not list(workdir.glob("stages/train-*/result.json"))
-    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress", *steps)
+    res = clearair("run", TINY, "--workdir", str(workdir), *steps)  # with progress lines, as a user sees it
     assert res.returncode == 0, res.stderr[-3000:]
+    for n, stage in enumerate(STAGES, 1):  # a line per stage: cached, or started and done with its wall time
+        assert f"[{n}/6] {stage}: cached" in res.stderr or f"[{n}/6] {stage}: done in " in res.stderr, stage
+    assert "[5/6] train: started" in res.stderr and "marked" in res.stderr  # the killed run's runs, see below
+    output = res.stdout + res.stderr  # Ray passes the workers' lines on
+    assert re.search(r"train: step 40/40 \(100%\) loss [\d.e-]+", output), output[-3000:]
+    _, runs = runs_by_name(f"sqlite:///{workdir.resolve()}/mlflow.db", "tiny")
+    statuses = sorted(r.info.status for rs in runs.values() for r in rs)
+    assert "RUNNING" not in statuses and statuses.count("KILLED") >= 2  # the killed pipeline and its train run
     import torch
 
     ckpts = sorted(workdir.glob("stages/train-*/ray/train/checkpoint_*/checkpoint.ckpt"))

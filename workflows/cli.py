@@ -186,9 +186,11 @@ def add_run_parser(sub) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from synth.config import ConfigError
+    from synth.run import SynthError
     from workflows.config import load_pipeline
-    from workflows.context import WorkdirLocked
+    from workflows.context import StaleOutput, WorkdirLocked
     from workflows.evaluation import BenchmarkError, check_benchmarks
+    from workflows.faults import storage_fault
     from workflows.pipeline import Options, PipelineError, plan, run_pipeline
     from workflows.tracking import TrackingUnavailable
 
@@ -212,8 +214,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         t0 = time.time()
         results = run_pipeline(cfg, options, text)
-    except (ConfigError, PipelineError, WorkdirLocked, TrackingUnavailable, BenchmarkError) as err:
+    except (
+        ConfigError,
+        PipelineError,
+        WorkdirLocked,
+        TrackingUnavailable,
+        BenchmarkError,
+        StaleOutput,
+        SynthError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk or read-only mount, wherever it surfaced: one line, not a traceback
+        store = options.tracking_uri or str(Path(options.workdir).expanduser().resolve() / "mlflow.db")
+        fault = storage_fault(err, str(options.workdir), store)
+        if fault is None:
+            raise
+        print(
+            f"error: {fault}. Free space there (or fix the mount) and rerun the same command: finished stages "
+            f"are kept and it resumes",
+            file=sys.stderr,
+        )
         return 2
     print(f"pipeline {cfg.name} done in {time.time() - t0:.0f} s; workdir {options.workdir}")
     for stage, result in results.items():

@@ -5,23 +5,51 @@ The workdir (a local or shared directory, or an ``s3://`` prefix) holds one dire
 ``result.json`` is written last and marks the output complete. A rerun
 finds complete outputs and skips them; a changed setting changes the key of that stage and of everything
 downstream. A stage that was interrupted finds its own partial directory again and resumes inside it.
+
+``result.json`` names locations inside the workdir as ``{workdir}/stages/...``, so a workdir that is moved or
+copied whole keeps its cache. Results written by clearair 0.2 and earlier hold absolute paths: one that points
+into another workdir's ``stages/`` is read from this workdir when the same output is here, and is a
+:class:`StaleOutput` (before any stage runs) when it is not, so a rerun never writes to the old place.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from synth import storage
 
+WORKDIR_TOKEN = "{workdir}"  # stands for the workdir's root in result.json
+_LEGACY_STAGE_PATH = re.compile(r"(?P<root>.+?)/(?P<rest>stages/[a-z_]+-[0-9a-f]{12}(?:/.*)?)")
+
 
 class WorkdirLocked(RuntimeError):
     """Another ``clearair run`` holds this workdir."""
+
+
+class StaleOutput(RuntimeError):
+    """A cached stage output points at a location outside this workdir that is not here (a moved or copied
+    workdir without it); the message names both and the remedy."""
+
+
+def _map_locations(value: str, fn: Callable[[str], str]) -> str:
+    """``fn`` applied to a location, or to each item of a JSON list of locations (as some outputs are)."""
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(i, str) for i in items):
+            return json.dumps([fn(i) for i in items])
+    return fn(value)
 
 
 @dataclass(frozen=True)
@@ -88,14 +116,46 @@ class Workdir:
     def stage_dir(self, stage: str, key: str) -> str:
         return storage.join(self.root, "stages", f"{stage}-{key[:12]}")
 
+    def complete(self, stage: str, key: str) -> bool:
+        """Whether the output of ``stage`` under ``key`` is complete (its ``result.json`` is there)."""
+        return storage.exists(storage.join(self.stage_dir(stage, key), "result.json"))
+
     def cached(self, stage: str, key: str) -> StageResult | None:
-        path = storage.join(self.stage_dir(stage, key), "result.json")
-        if not storage.exists(path):
+        """The complete output of ``stage`` under ``key`` with its locations resolved in this workdir, or None;
+        :class:`StaleOutput` if it names an old workdir's output that is not here."""
+        if not self.complete(stage, key):
             return None
-        return StageResult(**storage.read_json(path))
+        result = StageResult(**storage.read_json(storage.join(self.stage_dir(stage, key), "result.json")))
+        here = {
+            name: _map_locations(value, lambda loc, name=name: self._resolve(loc, stage, name))
+            for name, value in result.outputs.items()
+        }
+        return StageResult(**{**result.to_json(), "outputs": here})
 
     def publish(self, result: StageResult) -> None:
-        storage.write_json(storage.join(self.stage_dir(result.stage, result.key), "result.json"), result.to_json())
+        """Write ``result.json`` (last: it marks the output complete), locations in the workdir relative to it."""
+        outputs = {name: _map_locations(value, self._relative) for name, value in result.outputs.items()}
+        record = {**result.to_json(), "outputs": outputs}
+        storage.write_json(storage.join(self.stage_dir(result.stage, result.key), "result.json"), record)
+
+    def _relative(self, location: str) -> str:
+        inside = location.startswith(self.root + "/")
+        return WORKDIR_TOKEN + location[len(self.root) :] if inside else location
+
+    def _resolve(self, location: str, stage: str, name: str) -> str:
+        if location.startswith(WORKDIR_TOKEN + "/"):
+            return self.root + location[len(WORKDIR_TOKEN) :]
+        old = _LEGACY_STAGE_PATH.fullmatch(location)  # an absolute path written by clearair 0.2 or earlier
+        if old is None or old["root"] == self.root:
+            return location
+        here = storage.join(self.root, old["rest"])
+        if storage.exists(here):
+            return here
+        raise StaleOutput(
+            f"workdir {self.root}: the cached {stage} output {name!r} is {location}, in another workdir "
+            f"({old['root']}), and {here} does not exist (moved or copied without it?). Drop the entry with "
+            f"`clearair workdir drop {stage} --workdir {self.root}` to recompute it here, or run in {old['root']}"
+        )
 
     def _stage_names(self, prefix: str = "") -> list[str]:
         names = storage.listdir(storage.join(self.root, "stages"))

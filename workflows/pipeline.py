@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from synth import storage
 from workflows.config import STAGES, PipelineConfig
-from workflows.context import RunContext, StageResult, Workdir
-from workflows.provenance import run_tags, stamp
+from workflows.context import RunContext, StageResult, StaleOutput, Workdir
+from workflows.provenance import stamp
 from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
 
 log = logging.getLogger(__name__)
+WORKDIR_TAG = "clearair.workdir"  # on every run of an invocation: its workdir, to find runs a killed one left
 
 STAGE_RUN = {
     "synth": synth.run,
@@ -98,10 +100,10 @@ def resources(cfg: PipelineConfig, stage: str, train_counts: dict[str, int] | No
 
 def _train_counts(workdir: Workdir, keys: dict[str, str]) -> dict[str, int] | None:
     """Samples per task of the training split, from a cached synth stage's manifest (None before synthesis)."""
-    synth = workdir.cached("synth", keys["synth"])
     try:
+        synth = workdir.cached("synth", keys["synth"])
         manifest = storage.read_json(storage.join(synth.outputs["data"], "manifest.json")) if synth else None
-    except OSError:
+    except (OSError, StaleOutput):
         return None
     return manifest["counts"].get("task_by_split", {}).get("train") if manifest else None
 
@@ -125,7 +127,7 @@ def plan(cfg: PipelineConfig, options: Options) -> list[dict]:
     counts = _train_counts(workdir, keys) if cfg.crossval.resample or cfg.train.resample else None
     rows = []
     for stage in STAGES:
-        cached = workdir.cached(stage, keys[stage]) is not None
+        cached = workdir.complete(stage, keys[stage])
         runs = stage in visit and (stage in forced or not cached)
         rows.append(
             {
@@ -165,6 +167,8 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
     check_tracking(uri)
     workdir.lock()
     try:
+        for stage in sorted({s for v in visit for s in (v, *DEPENDS[v])}, key=STAGES.index):
+            workdir.cached(stage, keys[stage])  # StaleOutput here, before any stage, for an old workdir's path
         ctx = RunContext(
             workdir,
             uri,
@@ -174,14 +178,20 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
             worker_output=options.worker_output,
         )
         tracker = ctx.tracker = Tracker(uri, cfg.tracking.experiment, ctx.artifact_root())
-        parent = tracker.start_run(f"{cfg.name}", tags={**run_tags(), "clearair.pipeline": cfg.name})
+        if uri == default_tracking_uri(workdir.root):  # the workdir's own store: its artifacts live here too
+            tracker.check_artifact_location()
+        killed = tracker.mark_killed(WORKDIR_TAG, workdir.root)  # we hold the lock: whoever left them is gone
+        if killed:
+            log.warning("marked %d run(s) left RUNNING by an interrupted run of this workdir as KILLED", len(killed))
+        tags = {WORKDIR_TAG: workdir.root, "clearair.pipeline": cfg.name}
+        parent = tracker.start_run(f"{cfg.name}", tags=tags)
         ctx.parent_run_id = parent
         tracker.log_params(parent, cfg.model_dump(mode="json"))
         tracker.log_text(parent, config_text, "pipeline.yaml")
         try:
             done = _run_stages(cfg, ctx, workdir, keys, visit, forced)
         except BaseException:
-            tracker.end_run(parent, "FAILED")
+            _end_failed(tracker, parent)
             raise
         tracker.end_run(parent, "FINISHED")
         return done
@@ -189,35 +199,69 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
         workdir.unlock()
 
 
+def _end_failed(tracker, run_id: str) -> None:
+    """Mark a run FAILED if the store still takes writes; when it does not (a full disk), the original error is
+    the one to report (MLflow's own traceback of the failed write is held back) and the next run on the workdir
+    marks the run KILLED."""
+    from workflows.faults import storage_fault
+
+    store_log = logging.getLogger("mlflow.store.db.utils")  # logs each failed write with its traceback
+    level = store_log.level
+    store_log.setLevel(logging.CRITICAL)
+    try:
+        tracker.end_run(run_id, "FAILED")
+    except Exception as err:  # noqa: BLE001 - best effort on the way out
+        why = storage_fault(err, tracker.uri, tracker.uri) or f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        log.warning("could not mark run %s FAILED (%s); the next run marks it KILLED", run_id, why)
+    finally:
+        store_log.setLevel(level)
+
+
 def _run_stages(cfg, ctx: RunContext, workdir: Workdir, keys, visit, forced) -> dict[str, StageResult]:
     done: dict[str, StageResult] = {}
     tracker = ctx.tracker
-    for stage in visit:
+    for n, stage in enumerate(visit, 1):
+        say = _progress_line(ctx, f"[{n}/{len(visit)}] {stage}")
         cached = workdir.cached(stage, keys[stage])
         if cached is not None and stage not in forced:
-            log.info("%s: cached (%s)", stage, storage.name(workdir.stage_dir(stage, keys[stage])))
+            say(f"cached ({storage.name(workdir.stage_dir(stage, keys[stage]))})")
             done[stage] = replace(cached, seconds=None)  # printed as "cached"
             continue
         inputs = _inputs(stage, workdir, keys, done)
         out = workdir.stage_dir(stage, keys[stage])
         storage.makedirs(out)
-        run_id = tracker.start_run(
-            stage, parent_run_id=ctx.parent_run_id, tags={"clearair.stage": stage, "clearair.stage_key": keys[stage]}
-        )
+        tags = {"clearair.stage": stage, "clearair.stage_key": keys[stage], WORKDIR_TAG: workdir.root}
+        run_id = tracker.start_run(stage, parent_run_id=ctx.parent_run_id, tags=tags)
         tracker.log_params(run_id, {stage: getattr(cfg, stage).model_dump(mode="json")})
         stage_ctx = replace(ctx, stage=stage, key=keys[stage], out=out, run_id=run_id)
         started = time.perf_counter()
+        say(f"started ({resources(cfg, stage)})")
         try:
             result = STAGE_RUN[stage](cfg, stage_ctx, inputs)
             result = replace(result, seconds=round(time.perf_counter() - started, 1), **stamp())
-        except BaseException:
-            tracker.flush()
-            tracker.end_run(run_id, "FAILED")
+        except BaseException as err:
+            say(f"failed after {time.perf_counter() - started:.0f} s ({type(err).__name__})")
+            _end_failed(tracker, run_id)  # end_run sends the queued metrics first
             raise
         workdir.publish(result)
         tracker.log_dict(run_id, result.to_json(), "result.json")
         tracker.log_metrics(run_id, {"stage_seconds": result.seconds}, step=0)
         tracker.flush()
         tracker.end_run(run_id, "FINISHED")
+        say(f"done in {_took(result.seconds)}" + (f" (skipped: {result.skipped})" if result.skipped else ""))
         done[stage] = result
     return done
+
+
+def _progress_line(ctx: RunContext, prefix: str):
+    """A function printing ``prefix: text`` on stderr (progress lines; off with --no-progress or -q)."""
+
+    def say(text: str) -> None:
+        if ctx.progress:
+            print(f"{time.strftime('%H:%M:%S')} {prefix}: {text}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

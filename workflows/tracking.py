@@ -278,6 +278,45 @@ class Tracker:
             self.client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
 
+    def check_artifact_location(self) -> None:
+        """TrackingUnavailable when the experiment already exists with artifacts elsewhere than this tracker's
+        location: for a workdir's own store, a workdir that was moved or copied (new artifacts would go to the
+        old place, which MLflow cannot change for an existing experiment)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None or self.artifact_location is None or exp.artifact_location == self.artifact_location:
+            return
+        raise TrackingUnavailable(
+            f"experiment {self.experiment!r} in {self.uri} keeps its artifacts in {exp.artifact_location}, not in "
+            f"{self.artifact_location} (was the workdir moved or copied?). New runs would write into the old "
+            f"place: start a new experiment here with --set tracking.experiment=NAME"
+        )
+
+    def mark_killed(self, tag: str, value: str) -> list[str]:
+        """Mark KILLED every run of the experiment left RUNNING with ``tag`` = ``value``, and every RUNNING run
+        nested under one (e.g. a fold's run, made by its own process); returns their ids. For a caller that knows
+        nobody else writes these runs (the pipeline, holding its workdir's lock)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return []
+        running, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
+            )
+            running += page
+            token = page.token
+            if not token:
+                break
+        stale = {r.info.run_id for r in running if r.data.tags.get(tag) == value}
+        grew = True
+        while grew:  # descendants, however deep
+            nested = {r.info.run_id for r in running if r.data.tags.get(MLFLOW_PARENT_RUN_ID) in stale}
+            grew = not nested <= stale
+            stale |= nested
+        for run_id in sorted(stale):
+            self.client.set_terminated(run_id, status="KILLED")
+        return sorted(stale)
+
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
         """Create a run (nested under ``parent_run_id`` if given, in the parent's experiment); returns its id.
 
