@@ -180,21 +180,36 @@ def validate_config(data: dict[str, Any], origin: str = "command line") -> Synth
         raise ConfigError(format_validation_error(err, SynthConfig, origin)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SynthConfig:
-    """Read a YAML synth config and apply ``overrides`` (dotted keys allowed) before validation."""
-    path = Path(path)
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ConfigError naming the file when it cannot be read, is not YAML
+    (Python tags included: ``safe_load`` refuses them) or is not a mapping."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SynthConfig:
+    """Read a YAML synth config and apply ``overrides`` (dotted keys allowed) before validation."""
+    data = read_config_file(path)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return validate_config(data, origin=str(path))
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(d, "splits.folds", 3)`` sets ``d["splits"]["folds"]``, creating levels as needed."""
+    """``set_dotted(d, "splits.folds", 3)`` sets ``d["splits"]["folds"]``, creating levels as needed; a number
+    indexes a list (``sources.0.path``). ConfigError naming ``key`` when a level is not what it addresses."""
     *parents, last = key.split(".")
-    for p in parents:
-        data = data.setdefault(p, {})
-    data[last] = value
+    try:
+        for p in parents:
+            data = data[int(p)] if isinstance(data, list) else data.setdefault(p, {})
+        if isinstance(data, list):
+            data[int(last)] = value
+        else:
+            data[last] = value
+    except (IndexError, ValueError, TypeError, AttributeError):
+        raise ConfigError(f"--set {key}: no such place in the config (lists take an index: sources.0.path)") from None

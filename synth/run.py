@@ -110,13 +110,15 @@ def read_plan(out: str) -> dict[str, dict]:
     return storage.read_json(path)["shards"] if storage.exists(path) else {}
 
 
-def plan(cfg: SynthConfig, recipe: Recipe, out: str, states: dict[str, dict]) -> tuple[list[ShardSpec], list[dict]]:
-    """Shards still to write, and what discovery skipped.
+def plan(
+    cfg: SynthConfig, recipe: Recipe, out: str, states: dict[str, dict], progress: bool = False
+) -> tuple[list[ShardSpec], list[dict]]:
+    """Shards still to write, and what discovery skipped (``progress``: a bar while sources are hashed).
 
     The first run commits its plan (``state/plan.json``) before any work; a rerun finishes exactly those shards,
     and samples the plan does not hold yet (new sources) go into new shards appended to it.
     """
-    found = discover(cfg.sources, cfg.demo, cfg.patch_size, cfg.splits.folds)
+    found = discover(cfg.sources, cfg.demo, cfg.patch_size, cfg.splits.folds, progress)
     samples = expand(found.items, recipe.task_cycle(), cfg.variants, cfg.splits)
     by_key = {s.key: s for s in samples}
     committed = read_plan(out)
@@ -160,7 +162,7 @@ def _synthesize(cfg: SynthConfig, recipe: Recipe, out: str, options: RunOptions)
     if n := remove_partials(out):
         log.info("removed %d partial files of an interrupted run", n)
     states = load_states(out)
-    pending, skipped = plan(cfg, recipe, out, states)
+    pending, skipped = plan(cfg, recipe, out, states, options.progress)
     log.info("%d shards done, %d to write", len(states), len(pending))
     if pending:
         from synth.distribute import run_shards

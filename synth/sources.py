@@ -207,9 +207,13 @@ def _clean_files(root: Path, consumed: set[Path], skipped: list[dict[str, str]])
     return out
 
 
-def _hash_all(paths: list[Path]) -> dict[Path, str]:
+def _hash_all(paths: list[Path], progress: bool = False, name: str = "") -> dict[Path, str]:
+    from tqdm import tqdm
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(paths, pool.map(storage.sha256, paths), strict=True))
+        hashed = pool.map(storage.sha256, paths)
+        bar = tqdm(hashed, total=len(paths), desc=f"hash {name}", unit="file", disable=not progress or len(paths) < 2)
+        return dict(zip(paths, bar, strict=True))
 
 
 def _depth_for(path: Path) -> str | None:
@@ -217,8 +221,8 @@ def _depth_for(path: Path) -> str | None:
     return str(depth) if depth.exists() else None
 
 
-def discover_folder(spec: SourceSpec, skipped: list[dict[str, str]]) -> list[SourceItem]:
-    """Pairs and clean images under one source directory."""
+def discover_folder(spec: SourceSpec, skipped: list[dict[str, str]], progress: bool = False) -> list[SourceItem]:
+    """Pairs and clean images under one source directory (``progress``: a bar while their bytes are hashed)."""
     root = Path(spec.path).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"source {spec.path!r} is not a directory")
@@ -227,7 +231,7 @@ def discover_folder(spec: SourceSpec, skipped: list[dict[str, str]]) -> list[Sou
     clean = _clean_files(root, consumed, skipped)
     if spec.layout not in ("auto", "folder") and not pairs and spec.layout != "promptir":
         raise FileNotFoundError(f"source {spec.path!r}: no {spec.layout} pairs found (see synth.sources docs)")
-    hashes = _hash_all(sorted({p for pair in pairs for p in pair} | set(clean)))
+    hashes = _hash_all(sorted({p for pair in pairs for p in pair} | set(clean)), progress, name)
     items = []
     for lq, gt in pairs:
         rel = lq.relative_to(root)
@@ -325,12 +329,14 @@ def check_size(item: SourceItem, min_side: int) -> str | None:
     return None
 
 
-def discover(specs: list[SourceSpec], demo: DemoConfig, min_side: int, folds: int = 2) -> Discovery:
+def discover(
+    specs: list[SourceSpec], demo: DemoConfig, min_side: int, folds: int = 2, progress: bool = False
+) -> Discovery:
     """Every usable item of every source, de-duplicated by content, in a stable order, with what was skipped."""
     skipped: list[dict[str, str]] = []
     found: list[SourceItem] = []
     for spec in specs:
-        found += discover_demo(demo, folds) if spec.layout == "demo" else discover_folder(spec, skipped)
+        found += discover_demo(demo, folds) if spec.layout == "demo" else discover_folder(spec, skipped, progress)
     items: list[SourceItem] = []
     seen: dict[tuple[str, str | None], str] = {}
     for item in sorted(found, key=lambda i: (i.dataset, i.lq or i.gt)):

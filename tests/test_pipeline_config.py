@@ -151,3 +151,33 @@ def test_dry_run_prints_each_tasks_share_of_draws_and_the_data_epoch(tmp_path, c
     # drawn: denoise_15 20 x 0.5 = 10, dehaze 10, derain 10 x 3 = 30 -> 20%, 20%, 60% of a 50-sample data epoch
     assert "dehaze 20%" in train_line and "denoise_15 20%" in train_line and "derain 60%" in train_line
     assert "data epoch 50 samples" in train_line
+
+
+def test_missing_weights_and_datasets_stop_a_run_before_any_stage_all_listed(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    bad = ["--set", "synth.sources.0.path=/nope/photos", "--set", "synth.sources.0.layout=folder",
+           "--set", "perceiver.perceiver.pretrained=/nope/clip.safetensors"]  # fmt: skip
+    for dry in ([], ["--dry-run"]):
+        assert main(["run", TINY, "--workdir", str(workdir), *dry, *bad]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 2 and all(line.startswith("error: ") for line in lines) and "Traceback" not in err
+        assert "source /nope/photos (--set synth.sources.0.path=DIR): /nope/photos is not a directory" in err
+        assert "--set perceiver.perceiver.clip_model=..., perceiver.perceiver.pretrained=...)" in err
+        assert "/nope/clip.safetensors" in err
+        assert not (workdir / "stages").exists()
+
+
+def test_a_stage_that_will_not_run_needs_nothing():
+    from workflows.doctor import preflight
+
+    cfg = load_pipeline(TINY, {"synth.sources.0.path": "/nope", "synth.sources.0.layout": "folder"})
+    assert [c.what for c in preflight(cfg, {"synth"})] == ["source /nope (--set synth.sources.0.path=DIR)"]
+    assert preflight(cfg, {"train", "evaluate"}) == []  # synth is cached: its sources are not needed
+
+
+def test_set_indexes_lists_and_names_a_bad_key():
+    cfg = load_pipeline(TINY, {"evaluate.splits.0": "val"})
+    assert cfg.evaluate.splits == ["val"]
+    with pytest.raises(ConfigError, match="--set evaluate.splits.5: no such place"):
+        load_pipeline(TINY, {"evaluate.splits.5": "val"})

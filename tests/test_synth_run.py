@@ -192,3 +192,24 @@ def test_manifest_is_valid_json_with_required_fields(ray_session, photo_dir, tmp
     assert {"shards", "counts", "skipped", "config", "config_digest", "clearair_version", "format_version"} <= set(m)
     assert all({"name", "sha256", "samples"} <= set(s) for s in m["shards"])
     assert set(m["counts"]) >= {"degradation", "severity", "task"}
+
+
+@pytest.mark.parametrize("case", ["unknown recipe", "python tag in config", "python tag in recipe", "config a list"])
+def test_bad_synth_input_is_one_error_line_naming_it(case, tmp_path, capsys):
+    from workflows.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(textured(64, 64, 0)).save(photos / "a.png")
+    config, recipe = tmp_path / "synth.yaml", tmp_path / "recipe.yaml"
+    config.write_text({"python tag in config": "recipe: !!python/object/apply:os.system [echo]\n",
+                       "config a list": "- 1\n- 2\n"}.get(case, "seed: 1\n"))  # fmt: skip
+    recipe.write_text("name: r\nsteps: !!python/name:os.system\n")
+    name = {"unknown recipe": "nonexist", "python tag in recipe": str(recipe)}.get(case, "denoise")
+    argv = ["synth", "--source", str(photos), "--recipe", name, "--out", str(tmp_path / "out"), "--config", str(config)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    named = {"unknown recipe": "no bundled recipe 'nonexist'", "python tag in recipe": str(recipe)}
+    assert named.get(case, str(config)) in err
+    assert not (tmp_path / "out" / "shards").exists()

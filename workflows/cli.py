@@ -76,11 +76,9 @@ FLAG_FIELDS = {
 
 
 def synth_config(args: argparse.Namespace):
-    from synth.config import SourceSpec, set_dotted, validate_config
+    from synth.config import SourceSpec, read_config_file, set_dotted, validate_config
 
-    data: dict[str, Any] = {}
-    if args.config:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
+    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     if args.source:
         data["sources"] = [SourceSpec.parse(s).model_dump(exclude_defaults=True) for s in args.source]
     for flag, field in FLAG_FIELDS.items():
@@ -94,7 +92,7 @@ def synth_config(args: argparse.Namespace):
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from synth.config import ConfigError
-    from synth.recipes import list_recipes, load_recipe
+    from synth.recipes import RecipeError, list_recipes, load_recipe
     from synth.run import RunOptions, SynthError, synthesize
 
     if args.list_recipes:
@@ -110,7 +108,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             args.num_workers, args.ray_address, args.overwrite, not args.no_progress, worker_output=not args.quiet
         )
         manifest = synthesize(cfg, options)
-    except (ConfigError, SynthError, FileNotFoundError) as err:
+    except (ConfigError, RecipeError, SynthError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _summary(manifest, cfg.out)
@@ -189,7 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from synth.run import SynthError
     from workflows.config import load_pipeline
     from workflows.context import StaleOutput, WorkdirLocked
-    from workflows.evaluation import BenchmarkError, check_benchmarks
+    from workflows.doctor import preflight
+    from workflows.evaluation import BenchmarkError
     from workflows.faults import storage_fault
     from workflows.pipeline import Options, PipelineError, plan, run_pipeline
     from workflows.tracking import TrackingUnavailable
@@ -209,8 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows = plan(cfg, options)
         if args.dry_run:
             _print_plan(cfg, rows, options)
-            return 0
-        check_benchmarks([b.model_dump() for b in cfg.evaluate.benchmarks])
+        missing = preflight(cfg, {r["stage"] for r in rows if r["runs"]})  # what the stages to run need
+        for check in missing:
+            print(f"error: {check.what}: {check.detail}", file=sys.stderr)
+        if missing or args.dry_run:
+            return 2 if missing else 0
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         t0 = time.time()
         results = run_pipeline(cfg, options, text)

@@ -1,4 +1,9 @@
-"""``clearair doctor``: is everything a pipeline needs present, offline, before hours of work start?"""
+"""``clearair doctor``: is everything a pipeline needs present, offline, before hours of work start?
+
+:func:`preflight` runs the weight and dataset checks for the stages a ``clearair run`` is about to run (a
+cached stage needs nothing), so a missing CLIP model or dataset stops the run before synthesis, not hours
+later at the stage that loads it. Each check names the ``--set`` key that points at what it looked for.
+"""
 
 from __future__ import annotations
 
@@ -19,45 +24,63 @@ class Check:
 def _try(what: str, fn) -> Check:
     try:
         return Check(what, True, fn() or "present")
-    except Exception as err:  # each check reports its own failure, the others still run
-        return Check(what, False, str(err).splitlines()[0][:300])
+    except Exception as err:  # each check reports its own failure, the others still run; the whole message
+        return Check(what, False, " ".join(str(err).split()))
 
 
-def weight_checks(cfg: PipelineConfig) -> list[Check]:
+def _needed(only: set[str] | None, stages: tuple[str, ...]) -> bool:
+    return only is None or bool(only & set(stages))
+
+
+def weight_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
+    """Load every pretrained part the pipeline names (those the stages in ``only`` need, when given)."""
     from clearair.models import pretrained
     from workflows.stages.perceiver import perceiver_config
 
     checks = []
     p = perceiver_config(cfg)
-    checks.append(
-        _try(
-            f"CLIP {p['clip_model']} ({p['pretrained']})",
-            lambda: pretrained.load_open_clip(p["clip_model"], p["pretrained"]) and None,
-        )
-    )
+    clip_stages = ("perceiver", "train") if cfg.train.loss == "perceive_ir" else ("perceiver",)
+    if _needed(only, clip_stages) and (p["pretrained"] or only is None):  # random init: no file to find
+        keys = "--set perceiver.perceiver.clip_model=..., perceiver.perceiver.pretrained=..."
+        what = f"CLIP {p['clip_model']} ({p['pretrained']}; {keys})"
+        checks.append(_try(what, lambda: pretrained.load_open_clip(p["clip_model"], p["pretrained"]) and None))
     priors = cfg.train.priors
-    dino = priors.get("source") if priors.get("kind") == "dino" else (priors.get("regions") or {}).get("source")
-    if dino is not None:
-        checks.append(_try(f"DINOv2 {str(dino)[:60]}", lambda: pretrained.load_dinov2(dino) and None))
+    kind = priors.get("kind")
+    dino, key = (priors.get("source"), "source") if kind == "dino" else ((priors.get("regions") or {}).get("source"),
+                                                                          "regions.source")  # fmt: skip
+    if dino is not None and _needed(only, ("priors", "train")):
+        what = f"DINOv2 {str(dino)[:60]} (--set train.priors.{key}=DIR)"
+        checks.append(_try(what, lambda: pretrained.load_dinov2(dino) and None))
     vgg = cfg.train.vgg
-    if cfg.train.loss == "perceive_ir" and (vgg is not None or not cfg.train.allow_random_frozen):
-        checks.append(_try(f"VGG16 ({vgg})", lambda: pretrained.load_vgg16_features(vgg) and None))
+    wants_vgg = cfg.train.loss == "perceive_ir" and (vgg is not None or not cfg.train.allow_random_frozen)
+    if wants_vgg and _needed(only, ("train",)):
+        what = f"VGG16 ({vgg}; --set train.vgg=FILE)"
+        checks.append(_try(what, lambda: pretrained.load_vgg16_features(vgg) and None))
     return checks
 
 
-def dataset_checks(cfg: PipelineConfig) -> list[Check]:
+def dataset_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
+    """Every source folder and benchmark the pipeline names (those the stages in ``only`` need, when given)."""
     from workflows.evaluation import benchmark_items
 
     checks = []
-    for src in cfg.synth.sources:
+    for i, src in enumerate(cfg.synth.sources if _needed(only, ("synth",)) else []):
         if src.layout == "demo":
             checks.append(Check("source demo", True, "ships with scikit-image"))
-        else:
-            path = Path(src.path).expanduser()
-            checks.append(Check(f"source {src.path}", path.is_dir(), "found" if path.is_dir() else "not a directory"))
-    for b in cfg.evaluate.benchmarks:
-        checks.append(_try(f"benchmark {b.name}", lambda b=b: f"{len(benchmark_items(b.model_dump()))} images"))
+            continue
+        path = Path(src.path).expanduser()
+        detail = "found" if path.is_dir() else f"{path.resolve()} is not a directory"
+        what = f"source {src.path} (--set synth.sources.{i}.path=DIR)"
+        checks.append(Check(what, path.is_dir(), detail))
+    for i, b in enumerate(cfg.evaluate.benchmarks if _needed(only, ("evaluate",)) else []):
+        what = f"benchmark {b.name} (--set evaluate.benchmarks.{i}.path=DIR)"
+        checks.append(_try(what, lambda b=b: f"{len(benchmark_items(b.model_dump()))} images"))
     return checks
+
+
+def preflight(cfg: PipelineConfig, stages: set[str]) -> list[Check]:
+    """The failed weight and dataset checks of the parts that ``stages`` (those about to run) need."""
+    return [c for c in weight_checks(cfg, stages) + dataset_checks(cfg, stages) if not c.ok]
 
 
 def storage_check(workdir: str) -> Check:

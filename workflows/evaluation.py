@@ -41,12 +41,6 @@ def benchmark_items(bench: dict[str, Any]) -> list:
     return pairs
 
 
-def check_benchmarks(benchmarks: list[dict[str, Any]]) -> None:
-    """Fail before any work if a benchmark folder is missing or in an unknown layout."""
-    for bench in benchmarks:
-        benchmark_items(bench)
-
-
 def _benchmark_pairs(bench: dict[str, Any], seed: int) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     from synth.degradations import degrade
     from synth.imageio import load_rgb
