@@ -11,6 +11,15 @@ random chains sorted into PHYSICAL_ORDER. Bundled recipes live in synth/recipes/
       - name: mixed
         weight: 2
         random: {pool: [haze, rain, jpeg], min_steps: 1, max_steps: 2}
+      - name: iso_jpeg
+        steps:
+          - {degradation: albumentations, transform: ISONoise, params: {intensity: [0.1, 0.5]}}
+          - {degradation: jpeg, severity: medium}
+
+A step of kind `albumentations` runs the albumentations 2.0 pixel-level transform (ImageOnlyTransform) named by
+`transform`, with `params` as its arguments (see synth.degradations.albu); it is built and tried on a small
+image when the recipe loads, so a bad name or argument fails here. Its `severity` is only the label the sample
+is counted under (light, medium or heavy; medium if left out), and it goes in explicit chains only, never a pool.
 """
 
 from __future__ import annotations
@@ -22,9 +31,19 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from synth.degradations import DEGRADATIONS, PHYSICAL_ORDER, SEVERITIES
+from synth.degradations import ALBUMENTATIONS_STEP, DEGRADATIONS, PHYSICAL_ORDER, SEVERITIES
 
 logger = logging.getLogger(__name__)
 
@@ -34,28 +53,57 @@ class RecipeError(ValueError):
 
 
 def _check_degradation(name: str) -> str:
+    if name == ALBUMENTATIONS_STEP:
+        raise ValueError("an albumentations step names its transform, so it goes in an explicit 'steps' chain")
     if name not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {name!r}; valid: {', '.join(sorted(DEGRADATIONS))}")
+        raise ValueError(
+            f"unknown degradation {name!r}; valid: {', '.join(sorted(DEGRADATIONS))} "
+            f"(or {ALBUMENTATIONS_STEP} with a transform, in a 'steps' chain)"
+        )
     return name
 
 
 class Step(BaseModel):
+    """One of our degradations, or (degradation: albumentations) the albumentations transform `transform` with
+    `params` as its arguments."""
+
     model_config = ConfigDict(extra="forbid")
 
     degradation: str
     severity: Literal["light", "medium", "heavy", "random"] = "random"
-    params: dict[str, float | int | str] = {}
+    transform: str | None = Field(None, validate_default=True)
+    params: dict[str, JsonValue] = Field({}, validate_default=True)  # a transform's defaults are checked too
 
     @field_validator("degradation")
     @classmethod
     def _degradation_known(cls, name: str) -> str:
-        return _check_degradation(name)
+        return name if name == ALBUMENTATIONS_STEP else _check_degradation(name)
+
+    @field_validator("transform")
+    @classmethod
+    def _transform_for_albumentations(cls, transform: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("degradation")
+        if name == ALBUMENTATIONS_STEP:
+            if transform is None:
+                raise ValueError("an albumentations step names its transform, e.g. transform: ISONoise")
+            from synth.degradations.albu import transform_class  # albumentations is slow to import: on use only
+
+            transform_class(transform)
+        elif transform is not None and name is not None:
+            raise ValueError(f"only albumentations steps take a transform; {name} is one of our degradations")
+        return transform
 
     @field_validator("params")
     @classmethod
     def _params_known(cls, params: dict, info: ValidationInfo) -> dict:
         name = info.data.get("degradation")
         if name is None:  # the degradation itself failed validation and is reported
+            return params
+        if name == ALBUMENTATIONS_STEP:
+            if info.data.get("transform") is not None:  # else the transform failed and is reported
+                from synth.degradations.albu import check_step
+
+                check_step(info.data["transform"], params)
             return params
         degradation = DEGRADATIONS[name]
         unknown = sorted(set(params) - set(degradation.param_names))
@@ -66,6 +114,30 @@ class Step(BaseModel):
         # the sampler is the single authority on the types, choices and limits of fixed values
         degradation.sample(np.random.default_rng(0), "medium", params)
         return params
+
+    @model_validator(mode="after")
+    def _albumentations_severity(self) -> Step:
+        if self.degradation == ALBUMENTATIONS_STEP and self.severity == "random":
+            if "severity" in self.model_fields_set:
+                raise ValueError(
+                    "severity: an albumentations step draws nothing by severity (its params decide); give light, "
+                    "medium or heavy as its label, or leave it out (medium)"
+                )
+            self.severity = "medium"
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        data = handler(self)
+        if self.transform is None:  # our own steps dump as before: manifests of existing recipes keep their bytes
+            data.pop("transform", None)
+        return data
+
+    def fixed(self) -> dict:
+        """The fixed parameters `apply_steps` takes for this step."""
+        if self.degradation == ALBUMENTATIONS_STEP:
+            return {"transform": self.transform, "args": dict(self.params)}
+        return dict(self.params)
 
 
 class RandomChain(BaseModel):
@@ -129,7 +201,7 @@ class Recipe(BaseModel):
     def resolve(self, task: Task, rng: np.random.Generator) -> list[dict]:
         """Concrete steps {"degradation", "severity", "params"} for one sample of `task`, drawn from `rng`."""
         if task.steps is not None:
-            chosen = [(step.degradation, step.severity, dict(step.params)) for step in task.steps]
+            chosen = [(step.degradation, step.severity, step.fixed()) for step in task.steps]
         else:
             chain = task.random
             k = int(rng.integers(chain.min_steps, chain.max_steps + 1))

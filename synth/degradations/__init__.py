@@ -9,6 +9,10 @@ the atmosphere first (haze attenuates what is behind it; rain and snow fall in f
 camera's optics and motion (blur spreads everything the lens sees, weather included), then the sensor
 (exposure, photon and read noise are added to the blurred irradiance), and compression last (JPEG encodes
 the noisy sensor output).
+
+Besides these physical models a step may run an albumentations pixel-level transform: the step kind
+ALBUMENTATIONS_STEP, in `synth.degradations.albu` (imported on first use), which also wraps our models as
+albumentations transforms.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ DEGRADATIONS: dict[str, Degradation] = {
     "snow": Snow(),
 }
 
+ALBUMENTATIONS_STEP = "albumentations"  # {"transform": class name, "args": {...}}: see synth.degradations.albu
+
 PHYSICAL_ORDER: tuple[str, ...] = (
     "haze",
     "rain",
@@ -51,6 +57,7 @@ PHYSICAL_ORDER: tuple[str, ...] = (
 )
 
 __all__ = [
+    "ALBUMENTATIONS_STEP",
     "DEGRADATIONS",
     "PHYSICAL_ORDER",
     "SEVERITIES",
@@ -65,9 +72,16 @@ __all__ = [
 
 
 def get_degradation(name: str) -> Degradation:
-    """The degradation called `name`; an unknown name raises ValueError listing the valid ones."""
+    """The degradation called `name` (or the albumentations step); an unknown name raises ValueError listing the
+    valid ones."""
+    if name == ALBUMENTATIONS_STEP:  # imported here: albumentations takes over a second to import
+        from synth.degradations.albu import Albumentations
+
+        return Albumentations()
     if name not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {name!r}; valid: {sorted(DEGRADATIONS)}")
+        raise ValueError(
+            f"unknown degradation {name!r}; valid: {sorted(DEGRADATIONS)}, or {ALBUMENTATIONS_STEP!r} with a transform"
+        )
     return DEGRADATIONS[name]
 
 
