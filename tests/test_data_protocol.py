@@ -83,6 +83,28 @@ def test_the_paper_pipeline_draws_the_papers_data_epoch() -> None:
     assert 138_000 <= medium_epoch <= 146_000
 
 
+def test_the_5task_pipeline_trains_sigma_25_on_the_tasks_its_data_holds() -> None:
+    """The 5-task protocol's noise is sigma 25 alone, every factor names a task its sources produce, and the
+    authors' factors on the standard training sets (+ GoPro's 2,103 and LOL-v1's 485 pairs) balance the draws."""
+    from synth.recipes import load_recipe
+    from synth.sources import LAYOUT_TASKS
+    from workflows.config import load_pipeline
+
+    cfg = load_pipeline("perceive_ir_5task")
+    recipe = load_recipe(cfg.synth.recipe)
+    assert [t.name for t in recipe.tasks] == ["denoise_25"]
+    assert [s.fixed()["sigma"] for t in recipe.tasks for s in t.steps] == [25]
+    assert [b.noise_sigma for b in cfg.evaluate.benchmarks if b.noise_sigma] == [25]
+    produced = {"denoise_25", "derain", "dehaze"} | {LAYOUT_TASKS[s.layout] for s in cfg.synth.sources
+                                                     if s.layout in LAYOUT_TASKS}  # fmt: skip
+    assert produced == {"denoise_25", "derain", "dehaze", "deblur", "lowlight"}
+    for stage in (cfg.crossval, cfg.train):
+        assert set(stage.resample) <= produced
+    counts = {"denoise_25": 5144, "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
+    shares, epoch = resampled_shares(counts, cfg.train.resample)
+    assert 330_000 <= epoch <= 345_000 and all(0.15 <= s <= 0.25 for s in shares.values()), shares
+
+
 def test_dihedral_crops_take_all_eight_symmetries_and_maps_move_with_pixels() -> None:
     rng = np.random.default_rng(0)
     drawn = {(w.flip, w.rot) for w in random_windows(64, 64, 32, rng, n=200, augment="dihedral")}

@@ -14,7 +14,7 @@ from skimage import data  # noqa: E402
 from synth.degradations import DEGRADATIONS, PHYSICAL_ORDER, SEVERITIES, Context, apply_steps  # noqa: E402
 from synth.recipes import Recipe, RecipeError, Task, list_recipes, load_recipe  # noqa: E402
 
-BUNDLED = ["3task", "5task", "allweather", "cdd11", "denoise", "mixed"]
+BUNDLED = ["3task", "5task", "allweather", "cdd11", "denoise", "denoise25", "mixed"]
 CDD11 = ["l", "h", "r", "s", "l_h", "l_r", "l_s", "h_r", "h_s", "l_h_r", "l_h_s"]
 
 
