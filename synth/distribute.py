@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 from synth.config import SynthConfig
+from synth.errors import SynthError
 from synth.plan import ShardSpec
 from synth.recipes import Recipe
 
@@ -71,10 +72,18 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, worker_output: 
         )
 
 
+def pin_threads() -> None:
+    """One library thread per worker process, so parallel shard tasks do not fight over cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
 def _write_shard_task(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str) -> dict:
     import ray
 
-    from synth.run import pin_threads
     from synth.writer import write_shard
 
     pin_threads()
@@ -85,8 +94,6 @@ def run_shards(pending: list[ShardSpec], cfg: SynthConfig, recipe: Recipe, out: 
     """Yield each shard's state record as it completes; raise SynthError on the first filesystem error."""
     import ray
     from tqdm import tqdm
-
-    from synth.run import SynthError
 
     ensure_ray(options.ray_address, options.num_workers, options.worker_output)
     task = ray.remote(num_cpus=1, max_retries=3)(_write_shard_task)

@@ -9,13 +9,14 @@ complete. Adding sources to an existing dataset plans only the new samples, in n
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 from synth import storage
 from synth.config import SynthConfig
+from synth.errors import SynthError
 from synth.plan import ShardSpec, expand, make_shards
 from synth.recipes import Recipe, load_recipe
 from synth.sources import discover
@@ -24,10 +25,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "clearair-shards"
 MANIFEST_VERSION = 1
-
-
-class SynthError(RuntimeError):
-    """The run cannot go on; the message says why and what to do. Finished shards stay valid for a rerun."""
 
 
 @dataclass(frozen=True)
@@ -178,8 +175,6 @@ def _synthesize(cfg: SynthConfig, recipe: Recipe, out: str, options: RunOptions)
 
 
 def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], skipped: list[dict]) -> dict:
-    from clearair import __version__
-
     counts: dict[str, Counter] = {k: Counter() for k in ("task", "degradation", "severity", "split")}
     by_split: dict[str, Counter] = {}
     shard_skips = []
@@ -196,7 +191,7 @@ def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], sk
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
-        "clearair_version": __version__,
+        "clearair_version": package_version(),
         "config": cfg.model_dump(mode="json"),
         "config_digest": cfg.digest(),
         "recipe": recipe.model_dump(mode="json"),
@@ -209,10 +204,10 @@ def build_manifest(cfg: SynthConfig, recipe: Recipe, states: dict[str, dict], sk
     }
 
 
-def pin_threads() -> None:
-    """One library thread per worker process, so parallel shard tasks do not fight over cores."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+def package_version() -> str:
+    """The installed clearair distribution's version, as the manifest records it (read from its metadata:
+    synth does not import the model library, which would load torch into every synthesis driver)."""
+    try:
+        return importlib.metadata.version("clearair")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -121,3 +121,34 @@ def test_stage_results_record_version_and_commit() -> None:
     assert result.to_json()["clearair_version"] == clearair.__version__ and result.to_json()["commit"] == commit()
     old = {"stage": "synth", "key": "k", "outputs": {}, "metrics": {}, "run_id": None, "skipped": None, "seconds": 1}
     assert StageResult(**old).commit is None  # a result.json written by 0.1.0 still reads
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    return [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+
+
+def test_synth_imports_neither_the_model_library_nor_the_workflows() -> None:
+    """The layers: synth (formats, storage, synthesis) stands alone, so a synthesis driver or worker never loads
+    torch, and the model library never reaches up into workflows. Checked in a fresh interpreter."""
+    import subprocess
+
+    synth_modules = sorted(f"synth.{p.stem}" for p in (REPO / "synth").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {synth_modules!r}: importlib.import_module(m)\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'clearair', 'workflows', 'torch'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+    upward = {  # imports inside functions too, which importing the modules does not run
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for layer, above in (("synth", ("clearair", "workflows")), ("clearair", ("workflows",)))
+        for path in (REPO / layer).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and any(name.split(".")[0] in above for name in _imported(node))
+    }
+    assert not upward, sorted(upward)
+    code = "import clearair, clearair.models.factory, sys; print('workflows' in {n.split('.')[0] for n in sys.modules})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
