@@ -71,7 +71,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def synth_cli(out: Path, *args: str) -> list[str]:
-    flags = "--source demo --recipe mixed --seed 3 --samples-per-shard 8 --variants 2 --no-progress".split()
+    # 20 samples a shard: a shard task runs for seconds, longer than the state API takes to report it RUNNING
+    # (with 8, a task could finish between that report and the node's removal, and nothing was lost)
+    flags = "--source demo --recipe mixed --seed 3 --samples-per-shard 20 --variants 2 --no-progress".split()
     return [sys.executable, "-m", "workflows.cli", "synth", *flags, "--out", str(out), *args]
 
 

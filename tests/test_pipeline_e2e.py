@@ -193,7 +193,7 @@ def test_clearair_training_path_at_reduced_size(tmp_path):
     assert config["arch"] == "clearair" and config["extra"]["priors"]["assessor"]["prompts"].endswith(".safetensors")
     priors = json.loads(next((tmp_path / "w").glob("stages/priors-*/result.json")).read_text())
     assert priors["skipped"] is None and priors["metrics"]["samples_computed"] > 0  # precomputed once per image
-    shard = json.loads(priors["outputs"]["train_shards"])[0]
+    shard = json.loads(priors["outputs"]["train_shards"])[0].replace("{workdir}", str(tmp_path / "w"))
     from synth.read import iter_raw
 
     assert {"prior.quality_emb.npy", "prior.region_masks.npy"} <= set(next(iter_raw(shard)))

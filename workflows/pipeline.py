@@ -178,7 +178,8 @@ def run_pipeline(cfg: PipelineConfig, options: Options, config_text: str) -> dic
             worker_output=options.worker_output,
         )
         tracker = ctx.tracker = Tracker(uri, cfg.tracking.experiment, ctx.artifact_root())
-        if uri == default_tracking_uri(workdir.root):  # the workdir's own store: its artifacts live here too
+        # the workdir's own store (a local workdir only): its artifacts live in the workdir too
+        if not storage.is_remote(workdir.root) and uri == default_tracking_uri(workdir.root):
             tracker.check_artifact_location()
         killed = tracker.mark_killed(WORKDIR_TAG, workdir.root)  # we hold the lock: whoever left them is gone
         if killed:
