@@ -37,6 +37,70 @@ log = logging.getLogger(__name__)
 
 PRIOR_PREFIX = "prior."
 
+# (required keys, optional keys with defaults) of each kind of spec, for building and for check_priors
+DINO_SPEC = (("source",), {"image_size": 224, "layers": DINO_LAYERS, "seed": 0})
+CLEARAIR_SPEC = (("assessor", "regions", "degradation"), {})
+PERCEIVER_ASSESSOR_SPEC = (("config",), {"prompts": None, "seed": 0, "with_probabilities": False})
+MLLM_ASSESSOR_SPEC = (
+    ("source",),
+    {"prompt": "How would you rate the quality of this image?", "answer_prefix": "The quality of the image is",
+     "dtype": "auto"},
+)  # fmt: skip
+DINO_CLUSTER_SPEC = (("source",), {"n_regions": 16, "image_size": 224, "iters": 10, "seed": 0})
+SAM2_SPEC = (
+    ("source",),
+    {"n_regions": 16, "points_per_side": 8, "pred_iou_thresh": 0.7, "stability_thresh": 0.85, "nms_iou": 0.7},
+)
+DACLIP_SPEC = (("source",), {"model_name": "daclip_ViT-B-32", "image_size": 224})
+CFE_PERCEIVER_SPEC = (("cfe",), {"perceiver": None, "perceiver_part": "similarities", "seed": 0})
+
+
+def check_priors(spec: Any, where: str = "priors", learned_perceiver: bool = False) -> None:
+    """ValueError naming the key for a spec :func:`build_priors` would refuse, found without loading anything:
+    kinds, keys at every level, and the fields of a DINOv2 config dict (which transformers would silently
+    accept: a misspelt ``hidden_size`` would build a 768-wide model). ``learned_perceiver``: a perceiver
+    assessor may leave its config and prompts out (a pipeline fills in those its perceiver stage learned)."""
+    kind = _kind(spec, where, ("none", "dino", "clearair"))
+    if kind == "none":
+        _fields(spec, f"{where} (none)", (), {})
+    elif kind == "dino":
+        _check_dino_source(_fields(spec, f"{where} (dino)", *DINO_SPEC)["source"], f"{where}.source")
+    else:
+        spec = _fields(spec, f"{where} (clearair)", *CLEARAIR_SPEC)
+        a = spec["assessor"]
+        if _kind(a, f"{where}.assessor", ("perceiver", "mllm")) == "perceiver":
+            required, optional = PERCEIVER_ASSESSOR_SPEC
+            if learned_perceiver and "config" not in a:
+                required, optional = (), {**optional, "config": {}}
+            perceiver_config(_fields(a, f"{where}.assessor (perceiver)", required, optional)["config"])
+        else:
+            _fields(a, f"{where}.assessor (mllm)", *MLLM_ASSESSOR_SPEC)
+        r = spec["regions"]
+        if _kind(r, f"{where}.regions", ("dino_cluster", "sam2")) == "dino_cluster":
+            source = _fields(r, f"{where}.regions (dino_cluster)", *DINO_CLUSTER_SPEC)["source"]
+            _check_dino_source(source, f"{where}.regions.source")
+        else:
+            _fields(r, f"{where}.regions (sam2)", *SAM2_SPEC)
+        d = spec["degradation"]
+        if _kind(d, f"{where}.degradation", ("cfe_perceiver", "daclip")) == "daclip":
+            _fields(d, f"{where}.degradation (daclip)", *DACLIP_SPEC)
+        else:
+            _fields(d, f"{where}.degradation (cfe_perceiver)", *CFE_PERCEIVER_SPEC)
+
+
+def _check_dino_source(source: Any, where: str) -> None:
+    """A DINOv2 source: a path or hub name, or a dict of real ``Dinov2Config`` fields."""
+    if isinstance(source, dict):
+        from transformers import Dinov2Config, PretrainedConfig
+
+        valid = set(Dinov2Config().to_dict())
+        unknown = sorted(set(source) - valid)
+        if unknown:
+            own = sorted(valid - set(PretrainedConfig().to_dict()))  # the model's fields, not every config's
+            raise ValueError(f"{where}: unknown Dinov2Config fields {unknown}; its fields: {', '.join(own)}")
+    elif not isinstance(source, str):
+        raise ValueError(f"{where} must be a path, a hub name or a dict of Dinov2Config fields")
+
 
 class PriorProvider(nn.Module):
     """Frozen prior computation: ``forward(lq) -> {name: float32 tensor}`` in eval mode, without gradients.
@@ -134,6 +198,7 @@ def _refuse_random(what: str, allow_random: bool) -> None:
 
 
 def _dinov2(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Module:
+    _check_dino_source(source, "DINOv2 source")
     if isinstance(source, dict):
         _refuse_random("DINOv2 (dict source)", allow_random)
         return load_dinov2(source, seed)
@@ -203,10 +268,10 @@ def build_priors(spec: dict[str, Any] | None, allow_random: bool = False) -> Pri
         _fields(spec, "priors (none)", (), {})
         return None
     if kind == "dino":
-        spec = _fields(spec, "priors (dino)", ("source",), {"image_size": 224, "layers": DINO_LAYERS, "seed": 0})
+        spec = _fields(spec, "priors (dino)", *DINO_SPEC)
         dinov2 = _dinov2(spec["source"], allow_random, spec["seed"])
         return DinoPriors(SemanticGuidance(dinov2, tuple(spec["layers"]), spec["image_size"])).eval()
-    spec = _fields(spec, "priors (clearair)", ("assessor", "regions", "degradation"), {})
+    spec = _fields(spec, "priors (clearair)", *CLEARAIR_SPEC)
     assessor = _assessor(spec["assessor"], allow_random)
     regions = _regions(spec["regions"], allow_random)
     degrader = _degrader(spec["degradation"], allow_random, getattr(assessor, "perceiver", None))
@@ -217,16 +282,10 @@ def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
     from clearair.models.assessors import MLLMAssessor, PerceiverAssessor
 
     if _kind(spec, "assessor", ("perceiver", "mllm")) == "perceiver":
-        spec = _fields(
-            spec, "assessor (perceiver)", ("config",), {"prompts": None, "seed": 0, "with_probabilities": False}
-        )
+        spec = _fields(spec, "assessor (perceiver)", *PERCEIVER_ASSESSOR_SPEC)
         perceiver = build_frozen_perceiver({k: spec[k] for k in ("config", "prompts", "seed")}, allow_random)
         return PerceiverAssessor(perceiver, spec["with_probabilities"])
-    optional = {
-        "prompt": "How would you rate the quality of this image?",
-        "answer_prefix": "The quality of the image is",
-    }
-    spec = _fields(spec, "assessor (mllm)", ("source",), {**optional, "dtype": "auto"})
+    spec = _fields(spec, "assessor (mllm)", *MLLM_ASSESSOR_SPEC)
     return MLLMAssessor(spec["source"], spec["prompt"], spec["answer_prefix"], spec["dtype"])
 
 
@@ -234,12 +293,10 @@ def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
     from clearair.models.regions import DinoClusterRegions, Sam2Regions
 
     if _kind(spec, "regions", ("dino_cluster", "sam2")) == "dino_cluster":
-        optional = {"n_regions": 16, "image_size": 224, "iters": 10, "seed": 0}
-        spec = _fields(spec, "regions (dino_cluster)", ("source",), optional)
+        spec = _fields(spec, "regions (dino_cluster)", *DINO_CLUSTER_SPEC)
         dinov2 = _dinov2(spec["source"], allow_random, spec["seed"])
         return DinoClusterRegions(dinov2, spec["n_regions"], spec["image_size"], spec["iters"])
-    optional = {"n_regions": 16, "points_per_side": 8, "pred_iou_thresh": 0.7, "stability_thresh": 0.85, "nms_iou": 0.7}
-    spec = _fields(spec, "regions (sam2)", ("source",), optional)
+    spec = _fields(spec, "regions (sam2)", *SAM2_SPEC)
     return Sam2Regions(**{k: v for k, v in spec.items() if k != "kind"})
 
 
@@ -247,10 +304,9 @@ def _degrader(spec: dict[str, Any], allow_random: bool, assessor_perceiver: nn.M
     from clearair.models.assessors import DaClipEmbedder, DegradationEmbedder
 
     if _kind(spec, "degradation", ("cfe_perceiver", "daclip")) == "daclip":
-        spec = _fields(spec, "degradation (daclip)", ("source",), {"model_name": "daclip_ViT-B-32", "image_size": 224})
+        spec = _fields(spec, "degradation (daclip)", *DACLIP_SPEC)
         return DaClipEmbedder(spec["source"], spec["model_name"], spec["image_size"])
-    optional = {"perceiver": None, "perceiver_part": "similarities", "seed": 0}
-    spec = _fields(spec, "degradation (cfe_perceiver)", ("cfe",), optional)
+    spec = _fields(spec, "degradation (cfe_perceiver)", *CFE_PERCEIVER_SPEC)
     perceiver = assessor_perceiver
     if spec["perceiver"] is not None:
         perceiver = build_frozen_perceiver(spec["perceiver"], allow_random)

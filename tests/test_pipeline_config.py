@@ -47,6 +47,8 @@ def test_free_form_sections_are_checked_against_their_schemas_all_at_once(tmp_pa
         "train.model.config.dimm": "8",
         "crossval.model.arch": "nosucharch",
         "synth.recipe": "nonexist",
+        "train.priors.source.hidden_sizee": "8",
+        "perceiver.perceiver.clipmodel": "x",
     }
     args = [a for k, v in bad.items() for a in ("--set", f"{k}={v}")]
     assert main(["run", TINY, "--workdir", str(tmp_path / "w"), "--dry-run", *args]) == 2
@@ -55,9 +57,15 @@ def test_free_form_sections_are_checked_against_their_schemas_all_at_once(tmp_pa
     assert "train.model: unknown field(s) ['dimm']" in err
     assert "crossval.model: unknown architecture 'nosucharch'" in err
     assert "synth.recipe: no bundled recipe 'nonexist'" in err and "Traceback" not in err
+    assert "train.priors.source: unknown Dinov2Config fields ['hidden_sizee']; its fields: " in err
+    assert "perceiver.perceiver: unknown perceiver config fields ['clipmodel']" in err
     assert not (tmp_path / "w" / "stages").exists()  # refused before any stage
     with pytest.raises(ConfigError, match="evaluate.tile"):
         load_pipeline(TINY, {"evaluate.tile": -3})
+    with pytest.raises(ConfigError, match="train.priors kind 'dinoo' is not one of none, dino, clearair"):
+        load_pipeline(TINY, {"train.priors.kind": "dinoo"})
+    with pytest.raises(ConfigError, match=r"train.priors.regions \(dino_cluster\): unknown keys \['nregions'\]"):
+        load_pipeline("clearair_allweather", {"train.priors.regions.nregions": 4})
 
 
 def test_changed_setting_rekeys_that_stage_and_downstream_only():

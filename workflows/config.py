@@ -117,8 +117,16 @@ class PriorsConfig(Strict):
     """Frozen expensive parts computed once per whole image; parts computed on random crops stay on the fly."""
 
     enabled: bool = True
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Images of one size per forward pass of the frozen models.")
     use_gpu: bool = False
+    workers: int = added_field(
+        1, ge=1, description="Ray actors, each loading the frozen models once (one GPU each with use_gpu)."
+    )
+
+    def inert_fields(self) -> set[str]:
+        """How many workers share the shards changes no output, so it stays out of the cache key (a run resumes
+        with another count)."""
+        return {"workers"}
 
 
 class TrainConfig(Strict):
@@ -201,6 +209,7 @@ class PipelineConfig(Strict):
         runs; every problem is listed at once."""
         from clearair.losses import loss_weights
         from clearair.models.factory import model_config
+        from clearair.priors import check_priors, perceiver_config
         from synth.recipes import RecipeError, load_recipe
 
         problems = []
@@ -213,6 +222,14 @@ class PipelineConfig(Strict):
                 loss_weights(section.loss, dict(section.loss_weights))
             except ValueError as err:
                 problems.append(f"{name}.loss_weights: {err}")
+            try:
+                check_priors(dict(section.priors), f"{name}.priors", learned_perceiver=True)
+            except ValueError as err:
+                problems.append(str(err))
+        try:
+            perceiver_config(dict(self.perceiver.perceiver))
+        except ValueError as err:
+            problems.append(f"perceiver.perceiver: {err}")
         try:
             load_recipe(self.synth.recipe)
         except RecipeError as err:
