@@ -74,6 +74,16 @@ def test_changed_setting_rekeys_that_stage_and_downstream_only():
     assert [s for s in a if a[s] != b[s]] == ["perceiver", "priors", "train", "evaluate"]
 
 
+def test_set_on_a_section_sharing_a_yaml_anchor_changes_that_section_only():
+    """The quickstart's crossval and train share `resample` and `priors` through YAML anchors."""
+    base = load_pipeline("quickstart")
+    cfg = load_pipeline("quickstart", {"train.resample.dehaze": 1, "train.priors.image_size": 28})
+    assert cfg.train.resample["dehaze"] == 1 and cfg.train.priors["image_size"] == 28
+    assert cfg.crossval.resample == base.crossval.resample and cfg.crossval.priors == base.crossval.priors
+    a, b = stage_keys(base), stage_keys(cfg)
+    assert [s for s in a if a[s] != b[s]] == ["train", "evaluate"]
+
+
 def test_dry_run_prints_plan_and_runs_nothing(tmp_path, capsys):
     assert main(["run", TINY, "--dry-run", "--workdir", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out

@@ -248,6 +248,16 @@ def bundled_pipelines() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _unshared(value: Any) -> Any:
+    """``value`` with every dict and list rebuilt, so no two places share one object (deepcopy would keep them
+    shared)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def load_pipeline(name_or_path: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A bundled pipeline by name or a YAML file, with dotted ``overrides`` applied before validation."""
     path = Path(name_or_path)
@@ -268,6 +278,9 @@ def load_pipeline(name_or_path: str, overrides: dict[str, Any] | None = None) ->
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin}: not valid YAML: {err}") from None
+    # A YAML alias (*resample) is the anchored object itself: copied, so that `--set train.resample.x=1` changes
+    # the train section only, not every section sharing the anchor (and their cache keys with it).
+    data = _unshared(data)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     try:
