@@ -26,7 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from synth.portable import use_portable_cpu
+
+use_portable_cpu()  # the kernels the pipeline's stages run with, before NumPy or Torch loads
+
+import numpy as np  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -112,9 +116,6 @@ def main() -> None:
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
-    from synth.distribute import use_portable_cpu
-
-    use_portable_cpu()  # the kernels the pipeline's stages run with (README: the same numbers on every machine)
     import torch
 
     from workflows.config import load_pipeline

@@ -14,27 +14,10 @@ from collections.abc import Iterator
 from synth.config import SynthConfig
 from synth.errors import SynthError
 from synth.plan import ShardSpec
+from synth.portable import portable_cpu_env
 from synth.recipes import Recipe
 
 log = logging.getLogger(__name__)
-
-
-# The same CPU kernels on every x86-64 machine: PyTorch and oneDNN pick AVX-512 code where the CPU has it and AVX2
-# where not, and the two round differently; a training run amplifies that into different models (a seed-0
-# quickstart's haze tier +0.25 dB on one machine, -0.20 dB on another). Capped at AVX2, which every x86-64 server
-# of the last decade has, machines of one kind compute the same numbers. Ignored on other architectures; a
-# variable the user has set wins (e.g. ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=ALL for native speed).
-PORTABLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
-def portable_cpu_env() -> dict[str, str]:
-    """:data:`PORTABLE_CPU` with the values this process's environment already sets."""
-    return {k: os.environ.get(k, v) for k, v in PORTABLE_CPU.items()}
-
-
-def use_portable_cpu() -> None:
-    """Apply :data:`PORTABLE_CPU` to this process (before its first tensor operation; user settings kept)."""
-    os.environ.update(portable_cpu_env())
 
 
 # Worker processes keep freed memory instead of returning it to the OS after every image: without this, glibc

@@ -498,9 +498,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synth.distribute import use_portable_cpu
+    from synth.portable import use_portable_cpu
 
-    use_portable_cpu()  # before any tensor: the same CPU kernels, so the same figures, on every machine of a kind
+    use_portable_cpu()  # before NumPy, OpenCV or Torch loads: the same kernels, so the same figures, on every machine
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
