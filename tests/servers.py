@@ -1,9 +1,12 @@
-"""Throwaway servers for tests: a PostgreSQL cluster in a temp dir, on 127.0.0.1 only, behind a scram password.
+"""Throwaway servers for tests, on 127.0.0.1 only: a PostgreSQL cluster in a temp dir, and ``mlflow server``.
 
-The binaries come from the system (Debian's ``postgresql`` package, ``/usr/lib/postgresql/<major>/bin``); nothing is
-installed or started as a service. PostgreSQL refuses to run as root, so under root ``initdb`` and the server run as
-the ``postgres`` system user (via ``runuser``) in a directory that user owns. The password is random per cluster and
-appears only in :meth:`PostgresCluster.uri` and connections, never in a repr or a log.
+The PostgreSQL binaries come from the system (Debian's ``postgresql`` package, ``/usr/lib/postgresql/<major>/bin``);
+nothing is installed or started as a service. PostgreSQL refuses to run as root, so under root ``initdb`` and the
+server run as the ``postgres`` system user (via ``runuser``) in a directory that user owns. The password is random
+per cluster and appears only in :meth:`PostgresCluster.uri` and connections, never in a repr or a log.
+
+:func:`start_mlflow_server` runs an MLflow tracking server as a subprocess (any backend store, artifacts proxied
+into a directory or bucket) for the tests that stop and restart one or share one between processes.
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import requests
+
+from synth import storage
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +133,8 @@ class PostgresCluster:
         return self.uri(name)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a race may still take it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -162,7 +173,7 @@ def _start(tools: PostgresTools, root: Path, data: Path, timeout: float, attempt
     """Start the server on a free port (another free one if a race took it); returns the port."""
     logfile = root / "postgres.log"
     for _ in range(attempts):
-        port = _free_port()
+        port = free_port()
         res = tools.run("pg_ctl", "start", "-D", str(data), "-l", str(logfile), "-w", "-t", str(int(timeout)),
                         "-o", f"-p {port}", cwd=root, timeout=timeout + 30)  # fmt: skip
         if res.returncode == 0:
@@ -201,3 +212,111 @@ def running_postgres(tools: PostgresTools, timeout: float = 60.0) -> Iterator[Po
             _stop(tools, root, data)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- mlflow server
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class ServerHandle:
+    """A running ``mlflow server`` subprocess on 127.0.0.1; ``stop()`` (or leaving the ``with`` block) ends it."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log_path: Path, owns_log: bool = False) -> None:
+        self.process, self.port, self.log_path = process, port, log_path
+        self._owns_log = owns_log  # a temp log we created is removed after a clean stop
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's combined stdout/stderr log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the server's process group (it started its own session), SIGKILL if it outlives ``timeout``."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("mlflow server on port %d ignored SIGTERM for %.0f s; killing it", self.port, timeout)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                return
+        if self._owns_log:
+            self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_ready(handle: ServerHandle, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise RuntimeError(
+                f"mlflow server on port {handle.port} exited with code {handle.process.returncode}; "
+                f"log {handle.log_path}:\n{handle.log_tail()}"
+            )
+        try:
+            if requests.get(handle.uri + "/health", timeout=1.0).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    handle.stop()
+    raise RuntimeError(f"mlflow server on port {handle.port} not ready after {timeout:.0f} s:\n{handle.log_tail()}")
+
+
+def start_mlflow_server(
+    backend_uri: str,
+    artifacts_dir: str | Path,
+    port: int | None = None,
+    *,
+    workers: int = 1,
+    timeout: float = 120.0,
+    log_path: Path | None = None,
+) -> ServerHandle:
+    """Start ``mlflow server`` on 127.0.0.1 (never another interface) and return once ``/health`` answers.
+
+    Artifacts are proxied by the server into ``artifacts_dir``. Job execution is switched off
+    (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``), which keeps the server to a few processes. No authentication
+    is configured: keep it on loopback. Output goes to ``log_path`` (a new temp file by default).
+    """
+    port = port or free_port()
+    if not _port_free(port):
+        raise RuntimeError(f"port {port} on 127.0.0.1 is in use; pick another port for the mlflow server")
+    artifacts_dir = storage.resolve(artifacts_dir)  # a directory, or an s3:// prefix the server writes with boto3
+    storage.makedirs(artifacts_dir)
+    owns_log = log_path is None
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=f"mlflow-server-{port}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", str(workers),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    handle = ServerHandle(process, port, Path(log_path), owns_log)
+    _wait_ready(handle, timeout)
+    log.info("mlflow server ready at %s (pid %d, log %s)", handle.uri, process.pid, log_path)
+    return handle

@@ -20,7 +20,7 @@ def test_pipeline_spreads_over_two_nodes_and_trains_with_world_size_two(tmp_path
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from workflows.tracking import start_mlflow_server
+    from tests.servers import start_mlflow_server
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": NODE_MEMORY})
     try:

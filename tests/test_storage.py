@@ -162,8 +162,8 @@ def test_tiny_pipeline_on_a_bucket_tracked_by_a_postgres_backed_server(
 
     from mlflow import MlflowClient
 
+    from tests.servers import start_mlflow_server
     from tests.test_pipeline_e2e import check_lineage
-    from workflows.tracking import start_mlflow_server
 
     tiny = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
     workdir = f"{s3_bucket}/runs/tiny"

@@ -16,16 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from workflows.tracking import (  # noqa: E402
-    MODEL_CODE_PATH,
-    Tracker,
-    TrackingUnavailable,
-    _free_port,
-    check_tracking,
-    default_tracking_uri,
-    run_tags,
-    start_mlflow_server,
-)
+from tests.servers import free_port, start_mlflow_server  # noqa: E402
+from workflows.provenance import run_tags  # noqa: E402
+from workflows.tracking import Tracker, TrackingUnavailable, check_tracking, default_tracking_uri  # noqa: E402
+from workflows.tracking.registry import MODEL_CODE_PATH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +115,7 @@ def test_child_run_from_another_process_is_nested(workdir: Path) -> None:
         f"rid = t.start_run('fold-1', parent_run_id={parent!r})\n"
         "t.log_metrics(rid, {'val_psnr': 25.5}, step=7)\n"
         "t.end_run(rid)\n"
-        "print(rid, 'lightning.pytorch' in sys.modules)\n"
+        "print(rid, bool({'lightning', 'pytorch_lightning'} & set(sys.modules)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=os.getcwd(), capture_output=True, text=True, timeout=120,
@@ -175,7 +169,7 @@ def test_metrics_refused_for_good_are_dropped_not_replayed(workdir: Path, caplog
 
 
 def test_check_tracking_fails_fast_and_names_the_uri(tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=dead.replace(".", r"\.")):
         check_tracking(dead, timeout=2.0)
@@ -215,6 +209,7 @@ def test_registered_model_loads_without_pickle_and_matches_export(
     logged = [p for p in (workdir / "mlartifacts").rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in logged) and any(p.name == "model_code.py" for p in logged)
     assert not [p for p in logged if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib")]
+    assert MODEL_CODE_PATH.resolve() == REPO / "workflows" / "model_code.py"  # the package's parent, not the package
     assert MODEL_CODE_PATH.read_text() == next(p for p in logged if p.name == "model_code.py").read_text()
 
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)  # (B, H, W, 3)
@@ -237,7 +232,7 @@ def test_metrics_callback_logs_from_lightning(workdir: Path) -> None:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    from workflows.tracking import MetricsCallback
+    from workflows.tracking.callback import MetricsCallback
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:

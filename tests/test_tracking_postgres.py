@@ -46,7 +46,7 @@ def test_mlflow_server_on_postgres_as_the_deployments_start_it(postgres_cluster,
     """The cluster/mlflow launchers' form: ``postgresql+psycopg2://user@host:port/db``, the password in PGPASSWORD."""
     from mlflow import MlflowClient
 
-    from workflows.tracking import start_mlflow_server
+    from tests.servers import start_mlflow_server
 
     c, dbname = postgres_cluster, "deploy_form"
     c.create_database(dbname)

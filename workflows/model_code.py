@@ -1,4 +1,4 @@
-"""MLflow models-from-code entry for a ClearAIR restorer (logged by :meth:`workflows.tracking.Tracker.register_model`).
+"""MLflow models-from-code entry for a ClearAIR restorer (logged by :func:`workflows.tracking.registry.register_model`).
 
 MLflow runs this file when the model is loaded; the weights come from the logged artifact ``model`` (an export
 directory: ``model.safetensors`` + ``config.json`` + the project-made frozen parts under ``parts/``), read by

@@ -93,7 +93,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
     callbacks = [RayTrainReportCallback()]
     if rank == 0 and config.get("tracking"):
-        from workflows.tracking import MetricsCallback, Tracker
+        from workflows.tracking import Tracker
+        from workflows.tracking.callback import MetricsCallback
 
         tr = config["tracking"]
         tracker = Tracker(tr["uri"], tr["experiment"], tr.get("artifact_root"))

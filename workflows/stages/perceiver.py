@@ -37,7 +37,8 @@ def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
 
     from clearair.data import TaskIndex, tier_loader
     from clearair.lightning import PerceiverModule
-    from workflows.tracking import MetricsCallback, Tracker
+    from workflows.tracking import Tracker
+    from workflows.tracking.callback import MetricsCallback
 
     tr = job["tracking"]
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
