@@ -106,11 +106,6 @@ class ShardPriors:
         return {"name": storage.name(out), "sha256": sha, "samples": len(raws), "batches": batches}
 
 
-def precompute_shard(url: str, out: str, spec_json: str, allow_random: bool, batch_size: int = 1) -> dict[str, Any]:
-    """One shard on its own, without Ray: loads the models for this shard only."""
-    return ShardPriors(spec_json, allow_random, batch_size)(url, out)
-
-
 class _Loads:
     """How many times a pool's workers built their shard worker (a restarted worker builds it again)."""
 
