@@ -1,15 +1,11 @@
 """Shards -> batches: random crops for the restorer, tier images for the perceiver, whole images for evaluation.
 
-Two shard formats are read, both under :mod:`synth.read`'s safety rules (only PNG, JSON and pickle-free NPY
-members are decoded; any other member raises :class:`synth.read.ShardFormatError`):
+Two shard formats are read, each decoded by its home in ``synth`` under :mod:`synth.read`'s safety rules (only
+PNG, JSON and pickle-free NPY members; any other member raises :class:`synth.read.ShardFormatError`): *synth
+shards* (:mod:`synth.read`) and *tier shards* (:mod:`synth.tiers`: ``lq`` = low, ``gt`` = high, plus ``medium``),
+both through :func:`synth.samples.decode`.
 
-- *synth shards*: ``KEY.gt.png``, ``KEY.lq.png`` (absent for on-the-fly samples), ``KEY.json``, ``KEY.depth.npy``;
-- *tier shards* (cross-validation output): ``KEY.low.png`` (the degraded input), ``KEY.medium.png`` (its
-  restoration by a restorer that never saw it), ``KEY.high.png`` (ground truth), ``KEY.json`` with ``task`` and
-  ``psnr``/``ssim`` of the low and medium tiers. Decoded samples use the synth names: ``lq`` = low,
-  ``gt`` = high, plus ``medium``.
-
-Either may carry precomputed priors as ``KEY.prior.<name>.npy`` members (name in ``[a-z0-9_]``). A prior with
+Either may carry precomputed priors (:mod:`synth.samples`: ``KEY.prior.<name>.npy`` members). A prior with
 three dimensions ``(M, h, w)`` is a map over the whole image (e.g. region masks): it is cropped with the image
 window (nearest sampling) to ``crop // PRIOR_MAP_STRIDE`` a side and flipped with it. Any other prior is
 image-level (``(D,)``, ``(4, D)``) and passed through. Batches carry them as ``"prior.<name>"``
@@ -30,7 +26,6 @@ import itertools
 import logging
 import os
 import random
-import re
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from synth.read import ShardFormatError, decode_member, decode_sample, ensure_lq, fresh_lq, iter_raw, to_tensor, where
+from synth.read import ShardFormatError, ensure_lq, fresh_lq, iter_raw, to_tensor, where
+from synth.samples import decode
+from synth.tiers import TIERS
 
 log = logging.getLogger(__name__)
 
-TIERS = ("low", "medium", "high")  # label 0, 1, 2 (clearair.models.perceiver.TIERS)
-TIER_MEMBERS = ("low.png", "medium.png", "high.png", "json")
-PRIOR_MEMBER = re.compile(r"prior\.([a-z0-9_]+)\.npy")
 PRIOR_MAP_STRIDE = 4
 EMPTY_SHARD_LIMIT = 64  # consecutive resampled shards without a sample before giving up
 
@@ -82,54 +76,6 @@ class TaskIndex:
 
     def __repr__(self) -> str:
         return f"TaskIndex({list(self.names)})"
-
-
-# ----------------------------------------------------------------------------------------------- decoding
-
-
-def decode_tier_sample(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
-    """A raw tier sample as ``{"key", "shard", "lq" (low), "medium", "gt" (high), "meta"}``, or ShardFormatError."""
-    key = raw.get("__key__", "?")
-    out: dict[str, Any] = {}
-    for name, data in raw.items():
-        if name.startswith("__"):
-            continue
-        if name not in TIER_MEMBERS:
-            raise ShardFormatError(f"shard {origin}: sample {key} has member {name!r}; tier shards hold {TIER_MEMBERS}")
-        out[name] = decode_member(name, data, origin, key)
-    missing = [m for m in TIER_MEMBERS if m not in out]
-    if missing:
-        raise ShardFormatError(f"shard {origin}: tier sample {key} lacks {missing}")
-    if not isinstance(out["json"], dict):
-        raise ShardFormatError(f"shard {origin}: tier sample {key}, member 'json' is not a JSON object")
-    shapes = {out[m].shape for m in TIER_MEMBERS[:3]}
-    if len(shapes) != 1:
-        raise ShardFormatError(f"shard {origin}: tier sample {key} has tiers of different sizes {sorted(shapes)}")
-    tiers = {"lq": out["low.png"], "medium": out["medium.png"], "gt": out["high.png"]}
-    return {"key": key, "shard": origin, **tiers, "meta": out["json"]}
-
-
-def _decode_priors(raw: dict[str, Any], origin: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Split ``prior.<name>.npy`` members off a raw sample and load them (float32, never unpickling)."""
-    priors, rest, key = {}, {}, raw.get("__key__", "?")
-    for name, data in raw.items():
-        if not name.startswith("prior."):
-            rest[name] = data
-            continue
-        match = PRIOR_MEMBER.fullmatch(name)
-        if match is None:
-            raise ShardFormatError(f"shard {origin}: sample {key}, member {name!r} is not a prior.<name>.npy array")
-        priors[match.group(1)] = decode_member(name, data, origin, key).astype(np.float32)
-    return priors, rest
-
-
-def decode(raw: dict[str, Any], origin: str = "?") -> dict[str, Any]:
-    """Decode a raw sample of either format; precomputed priors go to ``sample["priors"]`` (maybe empty)."""
-    priors, rest = _decode_priors(raw, origin)
-    is_tier = any(m in rest for m in TIER_MEMBERS[:3])
-    sample = decode_tier_sample(rest, origin) if is_tier else decode_sample(rest, origin)
-    sample["priors"] = priors
-    return sample
 
 
 # ----------------------------------------------------------------------------------------------- windows

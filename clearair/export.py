@@ -1,4 +1,7 @@
-"""The trained-model form (safetensors + config.json) and training checkpoints that load with ``weights_only``.
+"""The trained-model form: safetensors + config.json, read by :func:`load_model`.
+
+Training checkpoints are Lightning's (``clearair.restorer`` reads them, ``weights_only=True``); this module is
+the export format only, and :func:`clearair.load_restorer` is the public way to load either.
 
 An export directory holds nothing pickled:
 
@@ -14,8 +17,7 @@ An export directory holds nothing pickled:
 
 Both are published all-or-nothing (:func:`synth.storage.staged`: a temporary name, then a rename), weights first
 and config last (an existing config is removed before new weights land), so a directory with ``config.json`` is
-complete and one without it is refused. A checkpoint is one torch file of plain types and tensors (hyperparameters
-as dicts, lists, strings and numbers), so ``torch.load(path, weights_only=True)`` reads it.
+complete and one without it is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from synth import storage
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "clearair-model"
-CHECKPOINT_FORMAT = "clearair-checkpoint"
 FORMAT_VERSION = 2
 PARTS_DIR = "parts"
 PART_PREFIX = "export:"
@@ -51,7 +52,7 @@ _MAX_LISTED = 8
 
 
 class ExportFormatError(ValueError):
-    """A model directory or checkpoint is not in our format, is incomplete, or does not match its architecture."""
+    """A model directory is not in our format, is incomplete, or does not match its architecture."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -257,68 +258,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    step: int = 0,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a training checkpoint atomically: model (+ optimizer) state, step, arch/config and plain ``extra``.
-
-    The file loads with ``torch.load(path, weights_only=True)``; ``extra`` (hyperparameters, data provenance,
-    metrics) must hold plain types only, which is checked before anything is written.
-    """
-    extra = dict(extra or {})
-    _check_plain(extra, "extra")
-    cfg = _config_dict(model)
-    _check_plain(cfg, "model.config")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "clearair_version": clearair.__version__,
-        "arch": getattr(model, "arch", None),
-        "config": cfg,
-        "step": int(step),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "extra": extra,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with storage.staged(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True`` (never unpickles code)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError for foreign or damaged files
-        raise ExportFormatError(f"{path} is not a readable weights-only checkpoint: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ExportFormatError(f"{path} is not a {CHECKPOINT_FORMAT!r} file")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportFormatError(
-            f"{path} has format_version {ckpt['format_version']}; this reads up to {FORMAT_VERSION}"
-        )
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike) -> nn.Module:
-    """Rebuild the network of a checkpoint (a path or a :func:`load_checkpoint` dict) with its weights."""
-    source = "checkpoint" if isinstance(ckpt, dict) else str(ckpt)
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    if ckpt.get("arch") is None or ckpt.get("config") is None:
-        raise ExportFormatError(f"{source} records no arch/config: load its 'model' state into a network yourself")
-    model = build_model(ckpt["arch"], config=ckpt["config"])
-    check_state_dict(model, ckpt["model"], source)
-    model.load_state_dict(ckpt["model"])
-    return model

@@ -1,4 +1,4 @@
-"""Exported models (safetensors + config.json) and weights-only checkpoints: round trips and refusals."""
+"""Exported models (safetensors + config.json): round trips and refusals."""
 
 import json
 import shutil
@@ -9,11 +9,8 @@ import torch
 from clearair.export import (
     ExportFormatError,
     export_model,
-    load_checkpoint,
     load_model,
-    model_from_checkpoint,
     read_export_config,
-    save_checkpoint,
 )
 from clearair.models.factory import build_model
 
@@ -102,30 +99,3 @@ def test_reexport_overwrites_atomically(model, tmp_path):
 def test_export_refuses_non_json_extra(model, tmp_path):
     with pytest.raises(TypeError, match="extra.when"):
         export_model(model, tmp_path / "m", extra={"when": object()})
-
-
-def test_checkpoint_loads_weights_only_and_resumes(model, tmp_path):
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
-    model(_x()).abs().mean().backward()
-    opt.step()
-    path = save_checkpoint(tmp_path / "ck" / "last.pt", model, opt, step=7, extra={"lr": 2e-4, "tasks": ["noise"]})
-    raw = torch.load(path, weights_only=True)
-    assert raw["step"] == 7 and raw["extra"]["tasks"] == ["noise"] and raw["arch"] == "restormer"
-
-    ckpt = load_checkpoint(path)
-    rebuilt = model_from_checkpoint(ckpt).eval()
-    with torch.inference_mode():
-        assert torch.equal(rebuilt(_x()), model(_x()))
-    opt2 = torch.optim.AdamW(rebuilt.parameters(), lr=2e-4)
-    opt2.load_state_dict(ckpt["optimizer"])
-    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
-
-
-def test_checkpoint_refuses_non_plain_extra_and_foreign_files(model, tmp_path):
-    with pytest.raises(TypeError, match="extra.cfg"):
-        save_checkpoint(tmp_path / "c.pt", model, extra={"cfg": {1, 2}})
-    assert not (tmp_path / "c.pt").exists()
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
-    with pytest.raises(ExportFormatError, match="not a 'clearair-checkpoint'"):
-        load_checkpoint(tmp_path / "foreign.pt")

@@ -126,7 +126,7 @@ def test_a_streamed_object_is_checked_before_its_last_sample(copy, s3_bucket):
 
 
 def test_tier_manifests_from_crossval_carry_hashes(copy, tmp_path):
-    from workflows.stages.crossval import restore_fold, tier_manifest
+    from workflows.stages.crossval import fold_tier_manifest, restore_fold
 
     class Identity:
         def restore(self, img, tile=None, overlap=0):
@@ -135,7 +135,7 @@ def test_tier_manifests_from_crossval_carry_hashes(copy, tmp_path):
     tiers = str(tmp_path / "tiers")
     shards = restore_fold(Identity(), shard_paths(copy, "train"), tiers, 0, None, 0)
     record = {"fold": 0, "trained_on": [], "restored": [], "psnr_low": 0, "psnr_medium": 0, "val_psnr": 0}
-    manifest = tier_manifest([{**record, "tier_shards": shards}], "digest", min_margin=-1e9)
+    manifest = fold_tier_manifest([{**record, "tier_shards": shards}], "digest")
     storage.write_json(storage.join(tiers, "manifest.json"), manifest)
     urls = tier_shard_paths(tiers)
     assert len(urls) == 3 and tier_shard_paths(tiers, heldout=True) == []
@@ -199,3 +199,35 @@ def test_an_image_smaller_than_the_crop_names_shard_and_key(copy):
     key = next(iter_raw(url))["__key__"]
     with pytest.raises(ShardFormatError, match=rf"shard {url}: sample {key}: image \d+x\d+ is smaller than the crop"):
         list(restoration_loader([url], 512, 1, tasks_of(copy), shuffle=0))
+
+
+def test_tier_shards_and_prior_members_round_trip_through_their_one_home(tmp_path):
+    from synth.samples import decode, degraded, raw_members, with_priors
+    from synth.tiers import tier_shard_name, write_tier_shard
+    from synth.writer import publish_tar
+
+    rng = np.random.default_rng(0)
+    images = [tuple(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)) for _ in range(2)]
+    samples = [(*imgs, {"key": f"k{i}", "task": "derain", "psnr": {"low": 20.0, "medium": 25.0}})
+               for i, imgs in enumerate(images)]  # fmt: skip
+    name = tier_shard_name("s3://b/ds/shards/train-000007.tar", 1, "train")
+    assert name == "f1-000007.tar" and tier_shard_name("/d/val-000000.tar", 0, "val") == "val-000000.tar"
+    path = str(tmp_path / name)
+    sha = write_tier_shard(path, iter(samples))
+    assert sha == storage.sha256(path)
+    raws = list(iter_raw(path))
+    for raw, (low, medium, high, meta) in zip(raws, samples, strict=True):
+        got = decode(raw, path)
+        assert got["meta"] == meta and got["priors"] == {}
+        assert all(np.array_equal(got[k], v) for k, v in (("lq", low), ("medium", medium), ("gt", high)))
+        assert np.array_equal(degraded(raw, path), low)
+    prior = np.arange(12, dtype=np.float64).reshape(3, 4)
+    with_prior = [with_priors(raw, {"quality": prior}) for raw in raws]
+    publish_tar(str(tmp_path / "p.tar"), [m for raw in with_prior for m in raw_members(raw)])
+    again = [decode(raw, "p.tar") for raw in iter_raw(tmp_path / "p.tar")]
+    assert all(s["priors"]["quality"].dtype == np.float32 and np.array_equal(s["priors"]["quality"], prior)
+               for s in again)  # fmt: skip
+    with pytest.raises(ValueError, match="prior names"):
+        with_priors(raws[0], {"Bad-Name": prior})
+    with pytest.raises(ShardFormatError, match="p.tar: sample k0 stores no degraded image"):
+        degraded({"__key__": "k0", "gt.png": raws[0]["high.png"], "json": b"{}"}, "p.tar")

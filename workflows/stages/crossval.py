@@ -20,6 +20,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from synth import storage
+from synth.read import iter_shard, shard_paths
+from synth.tiers import mean_psnr, tier_manifest, tier_meta, tier_shard_name, write_tier_shard
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -30,8 +32,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _mean(rows: list[dict], key: str, tier: str) -> float:
-    return sum(r[key][tier] for r in rows) / len(rows) if rows else float("nan")
+def _restored(restorer: Restorer, url: str, fold: int, tile: int | None, overlap: int, rows: list[dict]):
+    """``(low, medium, high, meta)`` of every sample of shard ``url``, its json also appended to ``rows``."""
+    from clearair.metrics import psnr, ssim
+
+    for s in iter_shard(url):
+        medium = restorer.restore(s["lq"], tile=tile, overlap=overlap)
+        scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in (("low", s["lq"]), ("medium", medium))}
+        rows.append(tier_meta(s, fold, storage.name(url), scores))
+        yield s["lq"], medium, s["gt"], rows[-1]
 
 
 def restore_fold(
@@ -44,47 +53,15 @@ def restore_fold(
     split: str = "train",
     progress: bool = False,
 ) -> list[dict]:
-    """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer); returns the shard
-    records (name, sha256, samples, split, psnr...). Training shards become ``f<fold>-NNNNNN.tar``, shards of a
-    held-out split keep their name. ``progress``: a line per shard on stdout (this runs in a Ray task, whose
-    stdout reaches the driver as lines; a bar would not)."""
-    from clearair.metrics import psnr, ssim
-    from synth.read import iter_shard
-    from synth.tiers import tier_members
-    from synth.writer import publish_tar
-
+    """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer, named by
+    :func:`synth.tiers.tier_shard_name`); returns the shard records (name, sha256, samples, fold, split, rows).
+    ``progress``: a line per shard on stdout (this runs in a Ray task, whose stdout reaches the driver as lines;
+    a bar would not)."""
     records, started = [], time.monotonic()
     for n, url in enumerate(held, 1):
-        members, rows = [], []
-        for s in iter_shard(url):
-            medium = restorer.restore(s["lq"], tile=tile, overlap=overlap)
-            scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in (("low", s["lq"]), ("medium", medium))}
-            meta = {
-                "key": s["key"],
-                "task": s["meta"]["task"],
-                "fold": fold,
-                "source_shard": storage.name(url),
-                "psnr": {t: round(v[0], 4) for t, v in scores.items()},
-                "ssim": {t: round(v[1], 5) for t, v in scores.items()},
-            }
-            provenance = {k: s["meta"][k] for k in ("origin", "seed", "variant", "degradations") if k in s["meta"]}
-            members += tier_members(s["key"], s["lq"], medium, s["gt"], {**meta, **provenance})  # for fresh noise
-            rows.append(meta)
-        index = storage.name(url).removesuffix(".tar").rsplit("-", 1)[1]
-        name = f"f{fold}-{index}.tar" if split == "train" else storage.name(url)
-        sha, _ = publish_tar(storage.join(out, name), members)
-        records.append(
-            {
-                "name": name,
-                "sha256": sha,
-                "samples": len(rows),
-                "fold": fold,
-                "split": split,
-                "psnr_low": _mean(rows, "psnr", "low"),
-                "psnr_medium": _mean(rows, "psnr", "medium"),
-                "rows": rows,
-            }
-        )
+        name, rows = tier_shard_name(url, fold, split), []
+        sha = write_tier_shard(storage.join(out, name), _restored(restorer, url, fold, tile, overlap, rows))
+        records.append({"name": name, "sha256": sha, "samples": len(rows), "fold": fold, "split": split, "rows": rows})
         if progress:
             took = time.monotonic() - started
             print(f"fold{fold}: restored {split} shard {n}/{len(held)} ({took:.0f} s)", flush=True)
@@ -114,7 +91,6 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
 def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     """Train on the other folds, restore this one. Idempotent: a finished fold returns its record."""
     from clearair.restorer import load_restorer
-    from synth.read import shard_paths
     from workflows.tracking import Tracker
     from workflows.training import fit_restorer
 
@@ -156,7 +132,7 @@ def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
     }
     trained = [row for s in shards if s["split"] == "train" for row in s["rows"]]
     n = len(trained)
-    record["psnr_low"], record["psnr_medium"] = _mean(trained, "psnr", "low"), _mean(trained, "psnr", "medium")
+    record["psnr_low"], record["psnr_medium"] = mean_psnr(trained, "low"), mean_psnr(trained, "medium")
     tracker.log_metrics(
         run_id,
         {
@@ -182,48 +158,26 @@ def run_folds(folds: int, job: dict[str, Any], parallel: bool) -> list[dict[str,
     return ray.get([task.remote(k, job) for k in range(folds)])
 
 
-def tier_manifest(records: list[dict[str, Any]], source_digest: str, min_margin: float) -> dict[str, Any]:
-    from synth.tiers import TIER_FORMAT, TIER_VERSION
-
-    keep = ("name", "sha256", "samples", "fold", "split")
-    shards = [{k: s[k] for k in keep} for r in records for s in r["tier_shards"]]
-    by_split: dict[str, dict[str, list[dict]]] = {}
-    for r in records:
-        for s in r["tier_shards"]:
-            for row in s["rows"]:
-                by_split.setdefault(s["split"], {}).setdefault(row["task"], []).append(row)
-
-    def summary(rows: list[dict]) -> dict[str, float]:
-        low, medium = _mean(rows, "psnr", "low"), _mean(rows, "psnr", "medium")
-        return {"samples": len(rows), "psnr_low": low, "psnr_medium": medium, "margin": medium - low}
-
-    per_task = {t: summary(rows) for t, rows in sorted(by_split.get("train", {}).items())}
-    for task, row in per_task.items():
+def warn_on_margins(tasks: dict[str, dict[str, float]], min_margin: float) -> None:
+    """A warning per task whose medium tier is less than ``min_margin`` dB above its low tier."""
+    for task, row in tasks.items():
         if row["margin"] < min_margin:
             log.warning(
                 "crossval: the medium tier of %s is only %.2f dB above its low tier (%.2f -> %.2f dB; want >= %.1f): "
                 "its tiers are hard to tell apart; train the fold restorers longer (crossval.fit.steps)",
                 task, row["margin"], row["psnr_low"], row["psnr_medium"], min_margin,
             )  # fmt: skip
-    heldout = {split: {t: summary(rows) for t, rows in sorted(tasks.items())} for split, tasks in by_split.items()}
-    heldout.pop("train", None)
-    return {
-        "format": TIER_FORMAT,
-        "format_version": TIER_VERSION,
-        "source_manifest_sha256": source_digest,
-        "shards": shards,
-        "tasks": per_task,
-        "heldout": heldout,
-        "folds": [
-            {k: r[k] for k in ("fold", "trained_on", "restored", "psnr_low", "psnr_medium", "val_psnr")}
-            for r in records
-        ],
-    }
+
+
+def fold_tier_manifest(records: list[dict[str, Any]], source_digest: str) -> dict[str, Any]:
+    """The tier manifest (:func:`synth.tiers.tier_manifest`) of the fold ``records``."""
+    shards = [s for r in records for s in r["tier_shards"]]
+    keep = ("fold", "trained_on", "restored", "psnr_low", "psnr_medium", "val_psnr")
+    return tier_manifest(shards, [{k: r[k] for k in keep} for r in records], source_digest)
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     from clearair.data import check_resample
-    from synth.read import shard_paths
 
     data = inputs["synth"].outputs["data"]
     manifest = storage.read_json(storage.join(data, "manifest.json"))
@@ -247,7 +201,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     ray_ready(ctx)
     records = run_folds(folds, job, cfg.crossval.parallel_folds)
     tiers = storage.join(ctx.out, "tiers")
-    manifest_out = tier_manifest(records, inputs["synth"].outputs["manifest_sha256"], cfg.crossval.min_margin)
+    manifest_out = fold_tier_manifest(records, inputs["synth"].outputs["manifest_sha256"])
+    warn_on_margins(manifest_out["tasks"], cfg.crossval.min_margin)
     storage.write_json(storage.join(tiers, "manifest.json"), manifest_out)  # published after every tier shard
     digest = storage.sha256(storage.join(tiers, "manifest.json"))
     tracker = ctx.tracker
@@ -266,8 +221,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     trained = [row for r in records for s in r["tier_shards"] if s["split"] == "train" for row in s["rows"]]
     metrics = {
         "tier_samples": len(trained),
-        "psnr_low": _mean(trained, "psnr", "low"),
-        "psnr_medium": _mean(trained, "psnr", "medium"),
+        "psnr_low": mean_psnr(trained, "low"),
+        "psnr_medium": mean_psnr(trained, "medium"),
         **{f"margin.{task}": row["margin"] for task, row in manifest_out["tasks"].items()},
     }
     tracker.log_metrics(ctx.run_id, metrics, step=0)

@@ -16,7 +16,6 @@ input, but an MLLM's token count follows the image size, and SAM2's masks keep i
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -25,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from synth import storage
+from synth.read import iter_raw
+from synth.samples import degraded, raw_members, with_priors
+from synth.writer import publish_tar
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
@@ -46,12 +48,6 @@ def size_batches(images: Iterable[tuple[int, np.ndarray]], batch_size: int) -> I
         if len(group) == batch_size:
             yield pending.pop(image.shape)
     yield from pending.values()
-
-
-def _npy(value: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
-    return buf.getvalue()
 
 
 class ShardPriors:
@@ -86,23 +82,15 @@ class ShardPriors:
             return {name: value.float().cpu().numpy() for name, value in self.provider(lq).items()}
 
     def __call__(self, url: str, out: str) -> dict[str, Any]:
-        from synth.imageio import decode_png
-        from synth.read import iter_raw
-        from synth.writer import publish_tar
-
         raws = list(iter_raw(url))
-        lqs = ((i, decode_png(raw.get("lq.png") or raw["low.png"])) for i, raw in enumerate(raws))
+        lqs = ((i, degraded(raw, url)) for i, raw in enumerate(raws))
         batches = 0
         for batch in size_batches(lqs, self.batch_size):
             priors = self.priors([image for _, image in batch])
             for row, (i, _) in enumerate(batch):
-                raws[i].update({f"prior.{name}.npy": _npy(value[row]) for name, value in priors.items()})
+                raws[i] = with_priors(raws[i], {name: value[row] for name, value in priors.items()})
             batches += 1
-        members = []
-        for raw in raws:
-            key = raw.pop("__key__")
-            members += [(f"{key}.{suffix}", raw[suffix]) for suffix in sorted(raw) if not suffix.startswith("__")]
-        sha, _ = publish_tar(out, members)
+        sha, _ = publish_tar(out, [m for raw in raws for m in raw_members(raw)])
         return {"name": storage.name(out), "sha256": sha, "samples": len(raws), "batches": batches}
 
 
