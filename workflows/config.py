@@ -109,7 +109,8 @@ class PerceiverStageConfig(Strict):
     view: Literal["crop", "resize", "train_crop"] = Field(
         "crop",
         description="Random crops at CLIP's input size, whole images resized, or crops of train.fit.crop resized to "
-        "CLIP's input (what the CLIP-aware loss sees; the bundled pipelines use it).",
+        "CLIP's input (what the CLIP-aware loss sees; the quickstart uses it, and the training crop then enters "
+        "this stage's cache key).",
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from synth import storage
-from workflows.config import STAGES, PipelineConfig
+from workflows.config import STAGES, PipelineConfig, config_digest
 from workflows.context import RunContext, StageResult, StaleOutput, Workdir
 from workflows.provenance import stamp
 from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
@@ -57,11 +57,26 @@ class Options:
     worker_output: bool = True  # Ray workers' stdout/stderr reach this terminal
 
 
+def borrowed_settings(cfg: PipelineConfig, stage: str) -> dict[str, object]:
+    """Settings outside a stage's own section that its output depends on. Each enters the stage's key only where
+    it acts (a training crop for the ``train_crop`` view; the train stage's priors spec where the priors stage
+    precomputes it), so configurations it does not act on keep the keys they had before it was counted."""
+    if stage == "perceiver" and cfg.perceiver.view == "train_crop":
+        return {"train.fit.crop": cfg.train.fit.crop}
+    if stage == "priors" and priors.skip_reason(cfg) is None:
+        t = cfg.train
+        return {"train.priors": t.priors, "train.loss": t.loss, "train.allow_random_frozen": t.allow_random_frozen}
+    return {}
+
+
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
-    """Cache key of every stage: its settings' digest chained with its inputs' keys."""
+    """Cache key of every stage: its settings' digest (:func:`borrowed_settings` included) chained with its
+    inputs' keys."""
     keys: dict[str, str] = {}
     for stage in STAGES:
-        body = cfg.section_digest(stage) + "".join(keys[d] for d in DEPENDS[stage])
+        borrowed = borrowed_settings(cfg, stage)
+        body = cfg.section_digest(stage) + (config_digest(borrowed) if borrowed else "")
+        body += "".join(keys[d] for d in DEPENDS[stage])
         keys[stage] = hashlib.sha256(body.encode()).hexdigest()
     return keys
 
