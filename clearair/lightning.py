@@ -37,6 +37,7 @@ from clearair.losses import (
 from clearair.metrics import psnr_torch
 from clearair.models.factory import build_model, config_to_dict
 from clearair.models.perceiver import TIERS, perceiver_loss
+from clearair.optim import adamw_cosine
 from clearair.priors import (
     PriorProvider,
     build_frozen_perceiver,
@@ -247,9 +248,7 @@ class RestorerModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.max_steps), eta_min=hp.min_lr)
+        opt, sched = adamw_cosine(self.model, hp.lr, hp.max_steps, hp.min_lr, hp.weight_decay, tuple(hp.betas))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- probe -------------------------------------------------------------------------------------------------
@@ -393,9 +392,7 @@ class PerceiverModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = [p for p in self.perceiver.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, hp.max_steps), eta_min=hp.min_lr)
+        opt, sched = adamw_cosine(self.perceiver, hp.lr, hp.max_steps, hp.min_lr, hp.weight_decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export_prompts(self, path: str | Path, view: dict[str, Any] | None = None) -> Path:

@@ -20,10 +20,8 @@ and training build the same random networks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +29,7 @@ from torch import Tensor, nn
 
 from clearair.models.guidance import CFE, DINO_LAYERS, SemanticGuidance
 from clearair.models.perceiver import PerceiverConfig, QualityPerceiver, build_perceiver
-from clearair.models.pretrained import freeze, load_dinov2, load_vgg16_features
+from clearair.models.pretrained import freeze, load_dinov2, load_vgg16_features, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +160,6 @@ def load_priors_from_batch(batch: dict[str, Any]) -> dict[str, Tensor] | None:
 # ----------------------------------------------------------------------------------------------- spec helpers
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a random initialisation under ``torch.manual_seed(seed)`` without touching the caller's CPU RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _fields(spec: Any, what: str, required: tuple[str, ...], optional: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with defaults filled in; a ValueError naming ``what`` and the valid keys for anything else."""
     if not isinstance(spec, dict):
@@ -225,7 +215,7 @@ def perceiver_from_config(config: dict[str, Any], allow_random: bool = False, se
     cfg = perceiver_config(config)
     if cfg.pretrained is None:
         _refuse_random(f"CLIP {cfg.clip_model!r} (pretrained=None)", allow_random)
-    with seeded(seed):
+    with seeded_init(seed):
         return build_perceiver(cfg)
 
 
@@ -251,7 +241,7 @@ def build_vgg_features(spec: str | dict[str, Any] | None, allow_random: bool = F
     )
     if spec["source"] is None:
         _refuse_random("VGG16 (vgg=None)", allow_random)
-        with seeded(spec["seed"]):
+        with seeded_init(spec["seed"]):
             return VGGFeatures(load_vgg16_features(None), tuple(spec["taps"]))
     return VGGFeatures(load_vgg16_features(spec["source"]), tuple(spec["taps"]))
 
@@ -321,7 +311,7 @@ def _cfe(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Modu
     if isinstance(source, dict):
         _refuse_random("the CFE (dict source)", allow_random)
         spec = _fields(source, "cfe", (), {"channels": (32, 64, 96, 128), "out_dim": 128})
-        with seeded(seed):
+        with seeded_init(seed):
             return freeze(CFE(tuple(spec["channels"]), spec["out_dim"]))
     from clearair.export import load_model
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clearair.models.pretrained import MissingWeightsError, load_open_clip
+from clearair.optim import adamw_cosine
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +256,7 @@ def fit_prompts(
     ``batches`` yields ``(images (B, 3, H, W) in [0, 1], tier labels (B,))``; a re-iterable (e.g. a DataLoader) is
     restarted when it runs out, a one-shot iterator that runs out is an error.
     """
-    params = [p for p in perceiver.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=min(min_lr, lr))
+    opt, sched = adamw_cosine(perceiver, lr, steps, min_lr, weight_decay)
     device = perceiver.prompt_learner.ctx.device
     perceiver.train()
     losses: list[float] = []
