@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,32 @@ def runs_by_name(uri: str, experiment: str) -> tuple[object, dict[str, list]]:
     for r in runs:
         by_name.setdefault(r.info.run_name, []).append(r)
     return client, by_name
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny pipeline per module; tests copy it (a workdir moves), so those that change only the
+    train stage run that stage and what follows, not synthesis and cross-validation again."""
+    workdir = tmp_path_factory.mktemp("tiny") / "w"
+    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return workdir
+
+
+def copy_run(src: Path, dst: Path) -> tuple[Path, set[Path]]:
+    """``src`` copied to ``dst``, and the stage folders it held (to tell them from those a rerun adds). Its MLflow
+    experiment keeps its artifacts in ``src``, so a run in the copy names a new one (``COPY``)."""
+    shutil.copytree(src, dst)
+    return dst, set(dst.glob("stages/*"))
+
+
+COPY = ("--set", "tracking.experiment=tiny-copy")
+
+
+def new_stage(workdir: Path, stage: str, before: set[Path]) -> Path:
+    """The one ``stage`` folder a rerun added to ``workdir``."""
+    (folder,) = [p for p in workdir.glob(f"stages/{stage}-*") if p not in before]
+    return folder
 
 
 def check_lineage(uri: str, workdir: str | Path) -> None:
@@ -79,10 +106,8 @@ def check_folds_never_restore_what_trained_them(workdir: Path) -> None:
             assert shard["split"] == "train" or fold == 0  # held-out splits: a restorer that saw neither
 
 
-def test_tiny_pipeline_end_to_end_then_cached(tmp_path):
-    workdir = tmp_path / "w"
-    first = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_tiny_pipeline_end_to_end_then_cached(tiny_run, tmp_path):
+    workdir = tiny_run
     uri = f"sqlite:///{workdir.resolve()}/mlflow.db"
     check_lineage(uri, workdir)
     check_folds_never_restore_what_trained_them(workdir)
@@ -116,35 +141,38 @@ def test_tiny_pipeline_end_to_end_then_cached(tmp_path):
     assert wrong.returncode == 2 and "error:" in wrong.stderr
 
 
-def test_killed_training_resumes_to_the_same_final_step(tmp_path):
-    workdir = tmp_path / "w"
+def test_killed_training_resumes_to_the_same_final_step(tiny_run, tmp_path):
+    workdir, before = copy_run(tiny_run, tmp_path / "w")  # only train and evaluate re-key
     steps = ["--set", "train.fit.steps=40", "--set", "train.fit.val_every=10"]
     proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", TINY, "--workdir", str(workdir),
-                             "--no-progress", *steps], start_new_session=True, stdout=subprocess.DEVNULL,
+                             "--no-progress", *steps, *COPY], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline and not list(workdir.glob("stages/train-*/ray/train/checkpoint_*")):
+    checkpoints = "stages/train-*/ray/train/checkpoint_*"
+    while (time.time() < deadline and proc.poll() is None
+           and not [p for p in workdir.glob(checkpoints) if p.parents[2] not in before]):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = sorted(p.name for p in workdir.glob("stages/train-*/ray/train/checkpoint_*"))
-    assert before and not list(workdir.glob("stages/train-*/result.json"))
-    res = clearair("run", TINY, "--workdir", str(workdir), *steps)  # with progress lines, as a user sees it
+    train = new_stage(workdir, "train", before)
+    assert list(train.glob("ray/train/checkpoint_*")) and not (train / "result.json").exists()
+    res = clearair("run", TINY, "--workdir", str(workdir), *steps, *COPY)  # with progress lines, as a user sees it
     assert res.returncode == 0, res.stderr[-3000:]
     for n, stage in enumerate(STAGES, 1):  # a line per stage: cached, or started and done with its wall time
         assert f"[{n}/6] {stage}: cached" in res.stderr or f"[{n}/6] {stage}: done in " in res.stderr, stage
+    assert "[2/6] crossval: cached" in res.stderr
     assert "[5/6] train: started" in res.stderr and "marked" in res.stderr  # the killed run's runs, see below
     output = res.stdout + res.stderr  # Ray passes the workers' lines on
     assert re.search(r"train: step 40/40 \(100%\) loss [\d.e-]+", output), output[-3000:]
-    _, runs = runs_by_name(f"sqlite:///{workdir.resolve()}/mlflow.db", "tiny")
+    _, runs = runs_by_name(f"sqlite:///{workdir.resolve()}/mlflow.db", "tiny-copy")
     statuses = sorted(r.info.status for rs in runs.values() for r in rs)
     assert "RUNNING" not in statuses and statuses.count("KILLED") >= 2  # the killed pipeline and its train run
     import torch
 
-    ckpts = sorted(workdir.glob("stages/train-*/ray/train/checkpoint_*/checkpoint.ckpt"))
+    ckpts = sorted(train.glob("ray/train/checkpoint_*/checkpoint.ckpt"))
     final = max(torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in ckpts)
     assert final == 40
-    result = json.loads(next(workdir.glob("stages/train-*/result.json")).read_text())
+    result = json.loads((train / "result.json").read_text())
     assert result["metrics"]["best_step"] > 0
 
 
@@ -182,23 +210,25 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
         assert float(r["psnr_rgb"]) >= float(r["input_psnr_rgb"]) + gain.get(name, 2.5), r
 
 
-def test_clearair_training_path_at_reduced_size(tmp_path):
-    """The ClearAIR pipeline's train stage (clearair loss, perceiver assessor, DINOv2-cluster regions) on toys."""
+def test_clearair_training_path_at_reduced_size(tiny_run, tmp_path):
+    """The ClearAIR pipeline's train stage (clearair loss, perceiver assessor, DINOv2-cluster regions) on toys,
+    on the tiny run's data, tiers and prompts."""
+    workdir, before = copy_run(tiny_run, tmp_path / "w")
     dino = "{hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2, patch_size: 14, image_size: 28}"
     priors = (f"{{kind: clearair, assessor: {{kind: perceiver}}, regions: {{kind: dino_cluster, n_regions: 4, "
               f"image_size: 28, source: {dino}}}, degradation: {{kind: cfe_perceiver, "
               f"cfe: {{channels: [8, 8, 16, 16], out_dim: 16}}}}}}")
-    res = clearair("run", TINY, "--workdir", str(tmp_path / "w"), "--no-progress",
+    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress", *COPY,
                    "--set", "train.model={arch: clearair, preset: tiny, config: {quality_dim: 64, "
                    "degradation_dim: 19}}",
                    "--set", "train.loss=clearair", "--set", "train.loss_weights={}", "--set", f"train.priors={priors}")
     assert res.returncode == 0, res.stderr[-3000:]
-    config = json.loads(next((tmp_path / "w").glob("stages/train-*/model/config.json")).read_text())
+    config = json.loads((new_stage(workdir, "train", before) / "model" / "config.json").read_text())
     assert config["arch"] == "clearair" and config["extra"]["priors"]["assessor"]["prompts"].endswith(".safetensors")
-    priors = json.loads(next((tmp_path / "w").glob("stages/priors-*/result.json")).read_text())
+    priors = json.loads((new_stage(workdir, "priors", before) / "result.json").read_text())
     assert priors["skipped"] is None and priors["metrics"]["samples_computed"] > 0  # precomputed once per image
-    shard = json.loads(priors["outputs"]["train_shards"])[0].replace("{workdir}", str(tmp_path / "w"))
+    shard = json.loads(priors["outputs"]["train_shards"])[0].replace("{workdir}", str(workdir))
     from synth.read import iter_raw
 
     assert {"prior.quality_emb.npy", "prior.region_masks.npy"} <= set(next(iter_raw(shard)))
-    assert (next((tmp_path / "w").glob("stages/evaluate-*/results.csv"))).exists()
+    assert (new_stage(workdir, "evaluate", before) / "results.csv").exists()
