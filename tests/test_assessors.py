@@ -21,8 +21,9 @@ from clearair.models.guidance import CFE
 from clearair.models.perceiver import PerceiverConfig, build_perceiver
 from clearair.models.pretrained import MissingWeightsError, load_dinov2
 from clearair.models.regions import DinoClusterRegions, Sam2Regions, spherical_kmeans
+from tests.tiny import REGION_DINO
 
-TINY_DINO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "mlp_ratio": 2}
+TINY_DINO = REGION_DINO
 
 
 

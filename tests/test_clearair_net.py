@@ -19,6 +19,7 @@ from clearair.models.clearair_net import (
     SemanticCrossAttention,
     drop_masks,
 )
+from tests.tiny import REGION_DINO
 
 
 def _priors(cfg: ClearAIRConfig, b: int, mask_size: tuple[int, int] = (8, 8), seed: int = 0) -> dict:
@@ -40,7 +41,7 @@ def test_tiny_forward_backward_with_priors_from_the_tiny_sources():
 
     torch.manual_seed(0)
     perceiver = build_perceiver(PerceiverConfig.tiny())
-    dino = load_dinov2({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8})
+    dino = load_dinov2(REGION_DINO)
     assessor, degrader = PerceiverAssessor(perceiver), DegradationEmbedder(CFE(), perceiver)
     regions = DinoClusterRegions(dino, n_regions=4, image_size=64)
     cfg = dataclasses.replace(ClearAIRConfig.tiny(), quality_dim=assessor.dim, degradation_dim=degrader.dim)

@@ -33,16 +33,9 @@ from clearair.priors import build_frozen_perceiver, build_priors, load_priors_fr
 from clearair.restorer import load_restorer
 from synth.imageio import encode_png
 from synth.read import ShardFormatError
+from tests.tiny import GUIDANCE_DINO, REGION_DINO
 
-TINY_DINO = {  # 12 layers: Perceive-IR reads the CLS tokens of layers 1, 4, 8, 12
-    "hidden_size": 32,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 2,
-    "patch_size": 14,
-    "image_size": 28,
-    "mlp_ratio": 2,
-}
-REGION_DINO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "mlp_ratio": 2}
+TINY_DINO = {**GUIDANCE_DINO, "image_size": 28}
 TINY_CLIP = {"clip_model": "clearair-tiny-clip", "pretrained": None, "n_ctx": 4, "image_size": 32}
 TINY_PERCEIVER = {"config": TINY_CLIP, "prompts": None}
 TASKS = {"denoise": 9, "derain": 5}  # uneven on purpose

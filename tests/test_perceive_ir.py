@@ -15,15 +15,9 @@ from clearair.models.nafnet import GuidedNAFNet, GuidedNAFNetConfig, NAFNetConfi
 from clearair.models.perceive_ir import ETB, PerceiveIR, PerceiveIRConfig, PromptGuidedLevel
 from clearair.models.pretrained import load_dinov2
 from clearair.models.restormer import Level
+from tests.tiny import GUIDANCE_DINO
 
-TINY_DINO = {
-    "hidden_size": 32,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 2,
-    "patch_size": 14,
-    "image_size": 56,
-    "mlp_ratio": 2,
-}
+TINY_DINO = {**GUIDANCE_DINO, "image_size": 56}
 GUIDED = [PerceiveIR, GuidedNAFNet]
 
 

@@ -25,6 +25,7 @@ from synth.imageio import decode_png
 from synth.read import iter_raw, shard_paths
 from tests.conftest import textured
 from tests.test_synth_run import config, run
+from tests.tiny import REGION_DINO
 from workflows.config import load_pipeline
 from workflows.context import RunContext, StageResult, Workdir
 from workflows.pipeline import stage_keys
@@ -41,7 +42,7 @@ SPEC = {
         "kind": "dino_cluster",
         "n_regions": 4,
         "image_size": 32,
-        "source": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8},
+        "source": REGION_DINO,
     },
     "degradation": {"kind": "cfe_perceiver", "cfe": {"channels": [8, 8, 16, 16], "out_dim": 16}},
 }

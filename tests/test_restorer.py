@@ -18,11 +18,11 @@ from clearair.models.factory import build_model
 from clearair.models.perceiver import PerceiverConfig
 from clearair.priors import build_priors, perceiver_from_config
 from clearair.restorer import RestorerLoadError, frozen_record, load_restorer
+from tests.tiny import GUIDANCE_DINO, REGION_DINO
 from workflows.tracking import Tracker, default_tracking_uri
 
-TINY_DINO = {"hidden_size": 32, "num_hidden_layers": 12, "num_attention_heads": 2, "patch_size": 14, "mlp_ratio": 2}
+TINY_DINO = GUIDANCE_DINO
 DINO_PRIORS = {"kind": "dino", "source": {**TINY_DINO, "image_size": 56}, "image_size": 56}
-REGION_DINO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8}
 IMAGE = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)  # not a multiple of anything
 
 
