@@ -70,13 +70,23 @@ def test_unknown_tasks_and_negative_factors_are_refused(shards) -> None:
         RestorationStream(shards, 8, 1, TaskIndex(COUNTS), resample={"derain": -1})
 
 
+def clean_counts(cfg, images: int) -> dict[str, int]:
+    """Samples per task that ``images`` clean source images give under the pipeline's recipe and variants, as
+    :func:`synth.plan.expand` deals them out (each image takes ``variants`` turns of the recipe's task cycle)."""
+    from synth.recipes import load_recipe
+
+    cycle = load_recipe(cfg.synth.recipe).task_cycle()
+    return {t: images * cfg.synth.variants * cycle.count(t) // len(cycle) for t in dict.fromkeys(cycle)}
+
+
 def test_the_paper_pipeline_draws_the_papers_data_epoch() -> None:
     """perceive_ir_3task's factors on PromptIR's training set (BSD400 + WED once per sigma, Rain100L's 200 pairs,
     RESIDE OTS's 72,135) give Perceive-IR's stage-2 epoch: ~206K draws, ~35% rain."""
     from workflows.config import load_pipeline
 
     cfg = load_pipeline("perceive_ir_3task")
-    counts = {"denoise_15": 5144, "denoise_25": 5144, "denoise_50": 5144, "derain": 200, "dehaze": 72135}
+    counts = {**clean_counts(cfg, 5144), "derain": 200, "dehaze": 72135}
+    assert counts["denoise_15"] == counts["denoise_25"] == counts["denoise_50"] == 5144  # once per sigma
     shares, epoch = resampled_shares(counts, cfg.train.resample)
     assert 200_000 <= epoch <= 212_000 and 0.33 <= shares["derain"] <= 0.37
     _, medium_epoch = resampled_shares(counts, cfg.crossval.resample)  # PromptIR's mix: ~142K
@@ -100,7 +110,8 @@ def test_the_5task_pipeline_trains_sigma_25_on_the_tasks_its_data_holds() -> Non
     assert produced == {"denoise_25", "derain", "dehaze", "deblur", "lowlight"}
     for stage in (cfg.crossval, cfg.train):
         assert set(stage.resample) <= produced
-    counts = {"denoise_25": 5144, "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
+    counts = {**clean_counts(cfg, 5144), "dehaze": 72135, "derain": 200, "deblur": 2103, "lowlight": 485}
+    assert counts["denoise_25"] == 5144  # each clean image once, as the authors' epoch counts it
     shares, epoch = resampled_shares(counts, cfg.train.resample)
     assert 330_000 <= epoch <= 345_000 and all(0.15 <= s <= 0.25 for s in shares.values()), shares
 
