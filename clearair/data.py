@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synth.read import ShardFormatError, ensure_lq, fresh_lq, iter_raw, to_tensor, where
+from synth.recipes import task_family
 from synth.samples import decode
 from synth.tiers import TIERS
 
@@ -53,6 +54,12 @@ class TaskIndex:
         if not self.names:
             raise ValueError("TaskIndex needs at least one task name")
         self._ids = {name: i for i, name in enumerate(self.names)}
+        self.families: tuple[str, ...] = tuple(sorted({task_family(n) for n in self.names}))
+
+    def family_index(self, name: str) -> int:
+        """The id of the task's degradation family (:func:`synth.recipes.task_family`), among this index's."""
+        self.index(name)  # an unknown task names the known ones
+        return self.families.index(task_family(name))
 
     def index(self, name: str) -> int:
         if name not in self._ids:
@@ -171,6 +178,7 @@ def restoration_example(
         "lq": view(sample["lq"]),
         "gt": view(sample["gt"]),
         "task": tasks.index(meta["task"]),
+        "family": tasks.family_index(meta["task"]),
         "key": sample["key"],
     }
     if windows is not None and len(windows) > 1:
@@ -188,7 +196,8 @@ def restoration_example(
 
 
 def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack examples into ``{"lq": (B, 3, c, c), ..., "task": LongTensor (B,), "key": list, ...}``."""
+    """Stack examples into ``{"lq": (B, 3, c, c), ..., "task": LongTensor (B,), "family": LongTensor (B,), "key":
+    list, ...}``."""
     names = set(examples[0])
     for ex in examples[1:]:
         if set(ex) != names:
@@ -198,7 +207,7 @@ def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [ex[name] for ex in examples]
         if name == "key":
             batch[name] = values
-        elif name == "task":
+        elif name in ("task", "family"):
             batch[name] = torch.tensor(values, dtype=torch.long)
         elif name == "medium_psnr":
             batch[name] = torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)

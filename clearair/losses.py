@@ -43,28 +43,67 @@ def pixel_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return PIXEL_LOSSES[name]
 
 
-def cfe_infonce(anchor: Tensor, positive: Tensor, task: Tensor, tau: float = 0.1) -> Tensor:
-    """InfoNCE on L2-normalised degradation features: same image attracts, other tasks repel.
+def gather_across_ranks(x: Tensor) -> Tensor:
+    """Every data-parallel rank's ``x`` concatenated along dim 0 in rank order, with gradient flowing through this
+    rank's own slice only (the others are constants here; each rank back-propagates its own features). Ranks may
+    hold different batch sizes. Without an initialised process group (or with one rank): ``x`` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    chunks = [part[: int(n.item())] for part, n in zip(parts, sizes, strict=True)]
+    chunks[rank] = x
+    return torch.cat(chunks)
+
+
+def negative_coverage(task: Tensor, bank_task: Tensor) -> Tensor:
+    """The fraction of anchors (labels ``task``, (B,)) with at least one negative among ``bank_task`` (N,): the
+    part of a batch the contrastive loss acts on; a 0-d float tensor."""
+    return (task[:, None] != bank_task[None, :]).any(dim=1).float().mean()
+
+
+def cfe_infonce(
+    anchor: Tensor, positive: Tensor, task: Tensor, tau: float = 0.1, gather: bool = False
+) -> tuple[Tensor, Tensor]:
+    """InfoNCE on L2-normalised degradation features: same image attracts, other degradation types repel.
 
     For anchor ``i`` the positive is ``positive[i]`` (another crop of the same degraded image); the negatives are
-    every anchor and positive feature in the batch whose task label differs from ``task[i]``. Features of other
-    images with the same task are left out of the denominator (they share the degradation, so are not negatives).
-    An anchor without any negative contributes exactly 0 (its softmax has a single term), so a one-task batch gives
-    a finite loss of 0 with zero gradient.
+    every anchor and positive feature in the bank whose label differs from ``task[i]``: this rank's batch, or with
+    ``gather`` every data-parallel rank's (:func:`gather_across_ranks`; the anchors stay this rank's). Features of
+    other images with the same label are left out of the denominator (they share the degradation, so are not
+    negatives). An anchor without any negative contributes exactly 0 (its softmax has a single term), so a
+    one-label bank gives a finite loss of 0 with zero gradient.
 
     Args:
         anchor: (B, D) features of one crop per image.
         positive: (B, D) features of another crop of the same images.
-        task: (B,) integer task labels.
+        task: (B,) integer labels: degradation families (the noise levels one label) as the Perceive-IR authors,
+            or tasks.
+
+    Returns:
+        The loss, and the fraction of anchors with at least one negative (a 0-d tensor, no gradient): the part of
+        the batch the loss acts on.
     """
     pos = (anchor * positive).sum(-1, keepdim=True) / tau  # (B, 1)
-    bank = torch.cat([anchor, positive])  # (2B, D)
-    bank_task = torch.cat([task, task])  # (2B,)
-    sim = anchor @ bank.T / tau  # (B, 2B)
-    is_negative = task[:, None] != bank_task[None, :]  # (B, 2B)
+    if gather:
+        bank = torch.cat([gather_across_ranks(anchor), gather_across_ranks(positive)])  # (2N, D), N over ranks
+        bank_task = gather_across_ranks(task).repeat(2)  # (2N,)
+    else:
+        bank, bank_task = torch.cat([anchor, positive]), torch.cat([task, task])  # (2B, D), (2B,)
+    sim = anchor @ bank.T / tau  # (B, 2N)
+    is_negative = task[:, None] != bank_task[None, :]  # (B, 2N)
     sim = sim.masked_fill(~is_negative, float("-inf"))
-    logits = torch.cat([pos, sim], dim=1)  # (B, 1 + 2B); column 0 is the positive
-    return (torch.logsumexp(logits, dim=1) - pos[:, 0]).mean()
+    logits = torch.cat([pos, sim], dim=1)  # (B, 1 + 2N); column 0 is the positive
+    coverage = negative_coverage(task, bank_task).detach()
+    return (torch.logsumexp(logits, dim=1) - pos[:, 0]).mean(), coverage
 
 
 class ClipAwareLoss(nn.Module):
@@ -312,9 +351,11 @@ class PerceiveIRLoss(nn.Module):
         dpl: DifficultyAdaptivePerceptualLoss | None = None,
         tau: float = 0.1,
         pixel: str = "l1",
+        gather: bool = False,
     ):
         super().__init__()
         self.pixel = pixel_loss(pixel)
+        self.gather = gather
         self.weights = weights
         self.clip_loss = clip_loss
         self.dpl = dpl
@@ -337,7 +378,8 @@ class PerceiveIRLoss(nn.Module):
         negatives: Tensor | None = None,
         neg_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Total loss and each computed part (unweighted) as floats, plus ``"total"``.
+        """Total loss and each computed part (unweighted) as floats, plus ``"total"`` (and ``"con_coverage"``, the
+        fraction of anchors with a negative, when the contrastive part is computed).
 
         ``cfe_anchor``/``cfe_positive`` (B, D) and ``task`` (B,) may be None only when the ``con`` weight is 0.
         """
@@ -347,7 +389,7 @@ class PerceiveIRLoss(nn.Module):
         if self._active("con"):
             if cfe_anchor is None or cfe_positive is None or task is None:
                 raise ValueError("the contrastive part needs cfe_anchor, cfe_positive and task (or weight con=0)")
-            parts["con"] = cfe_infonce(cfe_anchor, cfe_positive, task, self.tau)
+            parts["con"], coverage = cfe_infonce(cfe_anchor, cfe_positive, task, self.tau, self.gather)
         if self._active("clip"):
             parts["clip"] = self.clip_loss(restored)
         if self._active("dpl"):
@@ -356,5 +398,7 @@ class PerceiveIRLoss(nn.Module):
         if not parts:
             total = restored.sum() * 0.0
         logged = {name: float(value.detach()) for name, value in parts.items()}
+        if "con" in parts:
+            logged["con_coverage"] = float(coverage)  # a derived figure, not a loss part: not in the total
         logged["total"] = float(total.detach())
         return total, logged

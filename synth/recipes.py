@@ -25,6 +25,7 @@ is counted under (light, medium or heavy; medium if left out), and it goes in ex
 from __future__ import annotations
 
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -215,6 +216,13 @@ class Recipe(BaseModel):
     def task_cycle(self) -> list[str]:
         """Task names repeated by weight, in declaration order: the round-robin of task labels."""
         return [task.name for task in self.tasks for _ in range(task.weight)]
+
+
+def task_family(task: str) -> str:
+    """The degradation type a task belongs to: its name without a trailing ``_<number>`` level, so
+    ``denoise_15``, ``denoise_25`` and ``denoise_50`` are one ``denoise`` (as the Perceive-IR authors label
+    their noise levels for the contrastive loss); every other task is its own family."""
+    return re.sub(r"_\d+$", "", task)
 
 
 def _draw_severity(severity: str, rng: np.random.Generator) -> str:

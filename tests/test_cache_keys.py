@@ -26,8 +26,15 @@ RELEASE_KEYS = json.loads((RELEASE / "keys.json").read_text())["keys"]
 
 # Defaults changed on purpose since the release, each with the override that restores the release's behaviour:
 # the stages they feed must re-key at the new default and keep the release's keys under the override.
-CHANGED_DEFAULTS = {"train.clip_temperature": None}  # raw cosines, as the authors' code (was: CLIP's logit scale)
-DOWNSTREAM = {"train": {"train", "evaluate"}, "priors": {"priors", "train", "evaluate"}}
+CHANGED_DEFAULTS = {
+    "train.clip_temperature": None,  # raw cosines, as the authors' code (was: CLIP's logit scale)
+    "train.select_by": "image_mean",  # the best checkpoint by the task-mean validation PSNR (was: image-weighted)
+    "train.con_labels": "task",  # InfoNCE labels by degradation family (was: by task, noise levels repelling)
+    "train.con_gather": False,  # InfoNCE negatives from every worker (was: each worker's own batch)
+}
+DOWNSTREAM = {
+    "train": {"train", "evaluate"}, "priors": {"priors", "train", "evaluate"}, "evaluate": {"evaluate"}
+}  # fmt: skip
 # Keys that were wrong in the release and re-key once: a priors stage that precomputes (clearair_allweather)
 # did not hash the train stage's priors spec it computes, so a changed train.priors reused the old priors.
 FIXED_KEYS = {"clearair_allweather": DOWNSTREAM["priors"]}
@@ -42,10 +49,12 @@ def test_release_pipelines_keep_their_stage_keys(pipeline: str) -> None:
     fixed = FIXED_KEYS.get(pipeline, set())
     kept = stage_keys(_release(pipeline, CHANGED_DEFAULTS))
     assert {s for s, key in kept.items() if key != RELEASE_KEYS[pipeline][s]} == fixed
-    changed = {stage for stage, key in stage_keys(_release(pipeline)).items() if key != RELEASE_KEYS[pipeline][stage]}
-    cfg = _release(pipeline)
-    clip_loss = cfg.train.loss == "perceive_ir" and cfg.train.loss_weights.get("clip", 1.0) != 0
-    assert changed == (DOWNSTREAM["train"] if clip_loss else set()) | fixed, changed  # only where the new default acts
+    for name in CHANGED_DEFAULTS:  # each new default alone re-keys the stages it feeds, and only those
+        keys = stage_keys(_release(pipeline, {k: v for k, v in CHANGED_DEFAULTS.items() if k != name}))
+        changed = {stage for stage, key in keys.items() if key != RELEASE_KEYS[pipeline][stage]}
+        section, field = name.split(".")
+        acts = field not in getattr(_release(pipeline), section).inert_fields() if section == "train" else True
+        assert changed == (DOWNSTREAM[section] if acts else set()) | fixed, (name, changed)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +84,14 @@ def test_a_workdir_made_by_the_release_is_fully_cached(tmp_path: Path, capsys: p
         rows = [line.split() for line in capsys.readouterr().out.splitlines()]
         return {row[0]: row for row in rows if row[:1] and row[0] in stages}
 
-    rows = dry_run("--set", "train.clip_temperature=null")
+    def sets(prefix: str) -> list[str]:
+        pairs = [(k, v) for k, v in CHANGED_DEFAULTS.items() if k.startswith(prefix)]
+        return [arg for k, v in pairs for arg in ("--set", f"{k}={'null' if v is None else v}")]
+
+    release = sets("")
+    rows = dry_run(*release)
     assert len(rows) == 6 and all(row[2:4] == ["yes", "skip"] for row in rows.values()), rows
-    rows = dry_run()  # the new default trains again, and only what it feeds
+    rows = dry_run()  # the new training defaults train again, and only what that feeds
     assert {name for name, row in rows.items() if row[2:4] != ["yes", "skip"]} == DOWNSTREAM["train"], rows
 
 

@@ -397,3 +397,30 @@ def test_perceiver_module_learns_tiers_above_chance(tier_shards, tmp_path):
     images, _ = next(iter(val))
     with torch.no_grad():
         torch.testing.assert_close(frozen(images), module.perceiver.eval()(images))
+
+
+@pytest.mark.parametrize("select_by", ["task_mean", "image_mean"])
+def test_val_psnr_is_the_task_mean_or_the_image_mean_as_asked(select_by):
+    """Three images of one task and one of another: the two averages differ, and ``val/psnr`` is the one asked
+    for (the score checkpoints are kept by)."""
+    from clearair.metrics import psnr_torch
+
+    torch.manual_seed(0)
+    module = RestorerModule("restormer", preset="tiny", max_steps=1, select_by=select_by)
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.rand(4, 3, 16, 16, generator=gen)
+    lq = gt + 0.2 * torch.rand(4, 3, 16, 16, generator=gen) * torch.tensor([0.1, 0.1, 0.1, 3.0])[:, None, None, None]
+    batches = [{"lq": lq[i : i + 2].clamp(0, 1), "gt": gt[i : i + 2], "task": torch.tensor(t)} for i, t in
+               ((0, [0, 0]), (2, [0, 1]))]  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)
+    with torch.no_grad():
+        per_image = psnr_torch(module.restore(lq.clamp(0, 1), None).clamp(0, 1), gt).double()
+    tasks = (per_image[:3].mean() + per_image[3]) / 2
+    assert metrics["val/psnr_tasks"] == pytest.approx(float(tasks), abs=1e-4)
+    assert metrics["val/psnr_images"] == pytest.approx(float(per_image.mean()), abs=1e-4)
+    assert abs(metrics["val/psnr_tasks"] - metrics["val/psnr_images"]) > 0.1
+    key = {"task_mean": "val/psnr_tasks", "image_mean": "val/psnr_images"}[select_by]
+    assert metrics["val/psnr"] == metrics[key]
+    with pytest.raises(ValueError, match="select_by"):
+        RestorerModule("restormer", preset="tiny", max_steps=1, select_by="median")

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from clearair.losses import (
     cfe_infonce,
     clue_reuse_loss,
     difficulty_weights,
+    negative_coverage,
     strong_photometric,
 )
 from clearair.models.perceiver import PerceiverConfig, build_perceiver, fit_prompts
@@ -90,12 +92,13 @@ def test_infonce_prefers_matching_positives():
     positive = F.normalize(anchor + 0.1 * _features(8, 1), dim=-1)
     task = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     shuffled = positive[torch.tensor([3, 5, 7, 1, 0, 2, 4, 6])]
-    assert cfe_infonce(anchor, positive, task) < cfe_infonce(anchor, shuffled, task)
+    assert cfe_infonce(anchor, positive, task)[0] < cfe_infonce(anchor, shuffled, task)[0]
 
 
 def test_infonce_without_negatives_is_finite_zero():
     anchor = _features(4, 0).requires_grad_(True)
-    loss = cfe_infonce(anchor, _features(4, 1), torch.zeros(4, dtype=torch.long))
+    loss, coverage = cfe_infonce(anchor, _features(4, 1), torch.zeros(4, dtype=torch.long))
+    assert coverage.item() == 0.0
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(anchor.grad).all()
@@ -111,7 +114,9 @@ def test_infonce_matches_its_definition():
         negatives = [f for j in range(5) if task[j] != task[i] for f in (anchor[j], positive[j])]
         denominator = pos.exp() + sum((anchor[i] @ f / 0.1).exp() for f in negatives)
         terms.append(-(pos.exp() / denominator).log())
-    torch.testing.assert_close(cfe_infonce(anchor, positive, task, tau=0.1), torch.stack(terms).mean())
+    loss, coverage = cfe_infonce(anchor, positive, task, tau=0.1)
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert coverage.item() == 1.0
 
 
 def test_difficulty_weights_switch_exactly_at_the_model_psnr():
@@ -162,7 +167,7 @@ def test_loss_parts_with_zero_weight_are_not_computed():
     task = torch.tensor([0, 0, 1, 1])
     loss = PerceiveIRLoss(LossWeights(clip=0.0, dpl=0.0), clip_loss=_MustNotRun(), dpl=_MustNotRun())
     total, parts = loss(restored, gt, lq, anchor, positive, task)
-    assert set(parts) == {"l1", "con", "total"}
+    assert set(parts) == {"l1", "con", "con_coverage", "total"} and parts["con_coverage"] == 1.0
     assert parts["total"] == pytest.approx(parts["l1"] + 0.1 * parts["con"], rel=1e-6)
     total.backward()
     assert restored.grad is not None
@@ -182,7 +187,7 @@ def test_perceive_ir_loss_with_every_part(vgg, trained_perceiver):
     total, parts = loss(
         restored, gt, lq, _features(2, 0), _features(2, 1), torch.tensor([0, 1]), negatives, torch.ones(2, 1)
     )
-    assert set(parts) == {"l1", "con", "clip", "dpl", "total"}
+    assert set(parts) == {"l1", "con", "con_coverage", "clip", "dpl", "total"}
     expected = parts["l1"] + 0.1 * parts["con"] + 0.05 * parts["clip"] + 0.1 * parts["dpl"]
     assert parts["total"] == pytest.approx(expected, rel=1e-5)
     total.backward()
@@ -238,3 +243,99 @@ def test_vgg16_loader_from_files_and_missing_cache(tmp_path, monkeypatch):
         load_vgg16_features("torchvision")
     with pytest.raises(MissingWeightsError, match="absent.pth"):
         load_vgg16_features(str(tmp_path / "absent.pth"))
+
+
+def _paper_family_labels(n: int, seed: int) -> torch.Tensor:
+    """``n`` draws of degradation-family labels from perceive_ir_3task's resampled data epoch (PromptIR's training
+    sets: BSD400 + WED's 5,144 clean images per sigma, RESIDE OTS's 72,135, Rain100L's 200 pairs)."""
+    from clearair.data import TaskIndex, resampled_shares
+    from workflows.config import load_pipeline
+
+    cfg = load_pipeline("perceive_ir_3task")
+    counts = {"denoise_15": 5144, "denoise_25": 5144, "denoise_50": 5144, "derain": 200, "dehaze": 72135}
+    shares, _ = resampled_shares(counts, cfg.train.resample)
+    tasks = TaskIndex(counts)
+    drawn = np.random.default_rng(seed).choice(list(shares), size=n, p=list(shares.values()))
+    return torch.tensor([tasks.family_index(t) for t in drawn])
+
+
+def test_gathered_family_labels_give_nearly_every_anchor_a_negative():
+    """4 ranks x 2 images (the 3-task recipe's per-GPU batch) over 500 steps: with the negatives of all ranks
+    and the noise levels one label, >= 90% of anchors have a negative; each rank alone leaves a third without."""
+    gathered, local = [], []
+    for step in range(500):
+        labels = _paper_family_labels(8, step).view(4, 2)  # (rank, image)
+        gathered += [negative_coverage(labels[r], labels.flatten()) for r in range(4)]
+        local += [negative_coverage(labels[r], labels[r]) for r in range(4)]
+    assert float(torch.stack(gathered).mean()) >= 0.9
+    assert float(torch.stack(local).mean()) < 0.75
+
+
+def test_noise_levels_are_one_family_and_other_tasks_their_own():
+    from clearair.data import TaskIndex
+    from synth.recipes import task_family
+
+    assert {task_family(t) for t in ("denoise_15", "denoise_25", "denoise_50")} == {"denoise"}
+    assert [task_family(t) for t in ("dehaze", "derain", "l_h_r", "outdoor_rain")] == [
+        "dehaze", "derain", "l_h_r", "outdoor_rain"
+    ]  # fmt: skip
+    tasks = TaskIndex(["denoise_15", "denoise_50", "derain"])
+    assert tasks.family_index("denoise_15") == tasks.family_index("denoise_50") != tasks.family_index("derain")
+
+
+def _gathered_infonce_worker(rank: int, world: int, init: str, features: torch.Tensor, labels: torch.Tensor, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        n = len(labels) // world
+        anchor = features[0, rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        positive = features[1, rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        loss, coverage = cfe_infonce(anchor, positive, labels[rank * n : (rank + 1) * n], tau=0.1, gather=True)
+        loss.backward()
+        out.put((rank, float(loss), float(coverage), anchor.grad, positive.grad))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_infonce_on_two_gloo_workers_matches_the_single_process_loss(tmp_path):
+    """Each of 2 real gloo workers holds 3 images: its loss and its features' gradients are those of one process
+    holding all 6 as the bank, its own anchors, and only its own slice differentiable."""
+    import torch.multiprocessing as mp
+
+    world, n = 2, 3
+    features = torch.stack([_features(world * n, 0), _features(world * n, 1)])  # (anchor|positive, 6, 16)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])  # ranks: [0, 0, 0] (no negative of its own) and [0, 1, 2]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_gathered_infonce_worker, args=(r, world, init, features, labels, out))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    results = {r: (loss, cov, ga, gp) for r, loss, cov, ga, gp in (out.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, (loss, coverage, grad_anchor, grad_positive) in results.items():
+        local = slice(rank * n, (rank + 1) * n)
+        bank = features.clone()
+        anchor = bank[0, local].clone().requires_grad_(True)
+        positive = bank[1, local].clone().requires_grad_(True)
+        pos = (anchor * positive).sum(-1) / 0.1
+        bank_a = torch.cat([bank[0, : rank * n], anchor, bank[0, (rank + 1) * n :]])
+        bank_p = torch.cat([bank[1, : rank * n], positive, bank[1, (rank + 1) * n :]])
+        everything, everything_labels = torch.cat([bank_a, bank_p]), labels.repeat(2)
+        terms = []
+        for i in range(n):
+            negatives = everything[everything_labels != labels[local][i]]
+            logits = torch.cat([pos[i : i + 1], anchor[i] @ negatives.T / 0.1])
+            terms.append(torch.logsumexp(logits, 0) - pos[i])
+        expected = torch.stack(terms).mean()
+        expected.backward()
+        assert loss == pytest.approx(float(expected), abs=1e-5)
+        assert coverage == 1.0
+        torch.testing.assert_close(grad_anchor, anchor.grad)
+        torch.testing.assert_close(grad_positive, positive.grad)
+    local_only = cfe_infonce(features[0, :n], features[1, :n], labels[:n])[1]
+    assert float(local_only) == 0.0  # alone, rank 0's one-label batch has no negative: its loss would be 0

@@ -148,12 +148,37 @@ class TrainConfig(Strict):
         "code); null the CLIP's own learned one (x logit_scale, clearair 0.1.0).",
     )
 
+    select_by: Literal["task_mean", "image_mean"] = added_field(
+        "task_mean",
+        neutral="image_mean",
+        description="The validation PSNR the best checkpoint is chosen by: the mean of per-task means (the Perceive-IR "
+        "authors') or the mean over images (clearair 0.1.0; ~80% haze in the 3-task mix).",
+    )
+
+    con_labels: Literal["family", "task"] = added_field(
+        "family",
+        neutral="task",
+        description="InfoNCE labels: degradation families (denoise_15/25/50 one label, the authors') or tasks "
+        "(clearair 0.1.0: noise levels repel each other).",
+    )
+    con_gather: bool = added_field(
+        True,
+        neutral=False,
+        description="InfoNCE negatives gathered from every training worker (all_gather, gradients through the "
+        "local part), as the authors; false: each worker's own batch (clearair 0.1.0).",
+    )
+
     def inert_fields(self) -> set[str]:
         """Fields with no effect on this config's training (kept out of its cache key)."""
         from clearair.losses import loss_weights
 
-        clip_used = self.loss == "perceive_ir" and loss_weights(self.loss, dict(self.loss_weights)).clip != 0
-        return set() if clip_used else {"clip_temperature"}
+        weights = loss_weights(self.loss, dict(self.loss_weights)) if self.loss == "perceive_ir" else None
+        inert = set() if weights is not None and weights.clip != 0 else {"clip_temperature"}
+        if weights is None or weights.con == 0:
+            inert |= {"con_labels", "con_gather"}
+        elif self.fit.workers == 1:
+            inert.add("con_gather")  # one worker's batch is the whole batch
+        return inert
 
 
 class Benchmark(Strict):
