@@ -72,7 +72,7 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
     from synth.read import shard_paths
     from workflows.config import load_pipeline
     from workflows.context import Workdir
-    from workflows.evaluation import evaluate_model
+    from workflows.evaluation import evaluate_model, protocol_for
     from workflows.pipeline import stage_keys
     from workflows.stages.train import module_args, training_data
 
@@ -99,7 +99,7 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
         extra = {"priors": args["priors"], "allow_random_frozen": True}
         export_model(module.model.eval(), Path(tmp), extra=extra)
         sets = {"test": shard_paths(inputs["synth"].outputs["data"], "test")}
-        results = evaluate_model(Path(tmp), sets, [], tile=None, overlap=0, max_images=None, seed=seed)
+        results = evaluate_model(Path(tmp), sets, [], protocol_for(cfg.evaluate), max_images=None, seed=seed)
     out = {r["task"]: r["psnr_rgb"] for r in results["summary"]}
     out["input_macro"] = next(r["input_psnr_rgb"] for r in results["summary"] if r["task"] == "macro")
     return out

@@ -185,6 +185,35 @@ def _tile_for_budget(
     return max(side, smallest)
 
 
+def plan_tile(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    tile: int | None = None,
+    overlap: int = 32,
+    memory_budget_mb: float | None = None,
+    dtype: torch.dtype | None = None,
+    priors_fn: PriorsFn | None = None,
+) -> int | None:
+    """The tile side :func:`restore_image` uses for a (batch, 3, height, width) input, or None for one whole-image
+    pass. Without a memory budget: ``tile`` as given (None: whole). With one: whole when the estimated activation
+    memory fits it, else tiles of ``tile``, or of the largest square tile that fits when ``tile`` is None. A tile
+    at least as large as the padded image is one whole-image pass, so it is reported as None."""
+    run_device = _model_device(model, torch.device("cpu"))
+    if memory_budget_mb is not None:
+        need = estimate_memory_mb(model, batch, height, width, run_device, dtype, priors_fn)
+        if need <= memory_budget_mb:
+            return None
+        if tile is None:
+            tile = _tile_for_budget(model, batch, run_device, dtype, priors_fn, memory_budget_mb, overlap)
+        log.info("whole image needs ~%.0f MiB > budget %.0f MiB: tiles of %d", need, memory_budget_mb, tile)
+    m = size_multiple(model)
+    if tile is not None and tile >= math.ceil(height / m) * m and tile >= math.ceil(width / m) * m:
+        return None
+    return tile
+
+
 # ----------------------------------------------------------------------------------------------- restoration
 
 
@@ -254,11 +283,11 @@ def restore_image(
             model's forward; called per tile, since guidance must describe the tile's own content. To use
             priors computed once on the whole image instead (vector priors such as DINO CLS tokens or a quality
             embedding), pass a closure that ignores its argument and returns them.
-        tile: tile side, a multiple of the model's ``size_multiple``; None for a whole-image pass unless the
-            memory budget asks for tiles.
+        tile: tile side, a multiple of the model's ``size_multiple``: always used without a memory budget
+            (None: a whole-image pass), only beyond the budget with one (see :func:`plan_tile`).
         overlap: minimum pixels shared by neighbouring tiles; blending ramps live inside it.
-        memory_budget_mb: if the estimated activation memory of a whole-image pass exceeds it (and ``tile`` is
-            None), tile with the largest square tile whose estimate fits.
+        memory_budget_mb: a whole-image pass when its estimated activation memory fits; beyond it tiles of
+            ``tile``, or of the largest square tile whose estimate fits when ``tile`` is None.
         dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``), or None for float32.
         channels_last: run in channels-last memory format (converts the model in place).
         clamp: clip the output to [0, 1].
@@ -272,18 +301,14 @@ def restore_image(
         model.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         x = lq.float()
-        if tile is None and memory_budget_mb is not None:
-            need = estimate_memory_mb(model, x.shape[0], *x.shape[-2:], run_device, dtype, priors_fn)
-            if need > memory_budget_mb:
-                tile = _tile_for_budget(model, x.shape[0], run_device, dtype, priors_fn, memory_budget_mb, overlap)
-                log.info("whole image needs ~%.0f MiB > budget %.0f MiB: tiles of %d", need, memory_budget_mb, tile)
+        if tile is not None and (tile % m or tile <= overlap):
+            raise ValueError(f"tile {tile} must be a multiple of the model's size multiple {m} and > overlap")
+        tile = plan_tile(model, x.shape[0], *x.shape[-2:], tile, overlap, memory_budget_mb, dtype, priors_fn)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if tile is None:
             out = _restore_whole(model, x.to(run_device), priors_fn, dtype).to(lq.device)
         else:
-            if tile % m or tile <= overlap:
-                raise ValueError(f"tile {tile} must be a multiple of the model's size multiple {m} and > overlap")
             out = _restore_tiled(model, x, priors_fn, dtype, tile, overlap, run_device)
         return out.clamp(0.0, 1.0) if clamp else out
 

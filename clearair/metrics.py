@@ -219,3 +219,16 @@ def ssim_torch(
     cov = cov_norm * (blur(a * b) - mu_a * mu_b)
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return ssim_map.flatten(1).mean(dim=1)  # (B,)
+
+
+def mod_crop(img: np.ndarray, base: int) -> np.ndarray:
+    """Centre-crop an (H, W, ...) image to the largest multiples of ``base`` (the remainder split as floor / ceil
+    between the two sides): the test-time crop of the PromptIR line (``base`` 16), also used by SwinIR and
+    Restormer, applied to input and target alike before restoring and measuring."""
+    if base < 1:
+        raise ValueError(f"mod_crop base must be >= 1, got {base}")
+    h, w = img.shape[:2]
+    if h < base or w < base:
+        raise ValueError(f"a {h}x{w} image is smaller than the mod-crop base {base}")
+    dh, dw = h % base, w % base
+    return img[dh // 2 : h - (dh - dh // 2), dw // 2 : w - (dw - dw // 2)]

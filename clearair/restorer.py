@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clearair.inference import restore_image
+from clearair.inference import plan_tile, restore_image
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,19 @@ class Restorer:
         return back(out)
 
     __call__ = restore
+
+    def tile_for(
+        self,
+        height: int,
+        width: int,
+        *,
+        tile: int | None = None,
+        overlap: int = 32,
+        memory_budget_mb: float | None = None,
+    ) -> int | None:
+        """The tile side :meth:`restore` uses for one ``height`` x ``width`` image with these settings, or None
+        for a whole-image pass (:func:`clearair.inference.plan_tile`)."""
+        return plan_tile(self.network, 1, height, width, tile, overlap, memory_budget_mb, self.dtype, self.priors)
 
     def __repr__(self) -> str:
         parts = ", ".join(self.info.get("frozen") or {}) or "none"

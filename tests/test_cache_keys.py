@@ -31,6 +31,8 @@ CHANGED_DEFAULTS = {
     "train.select_by": "image_mean",  # the best checkpoint by the task-mean validation PSNR (was: image-weighted)
     "train.con_labels": "task",  # InfoNCE labels by degradation family (was: by task, noise levels repelling)
     "train.con_gather": False,  # InfoNCE negatives from every worker (was: each worker's own batch)
+    "evaluate.memory_budget_mb": None,  # whole images when they fit (was: always tiles of evaluate.tile)
+    "evaluate.round_uint8": True,  # metrics on the float output (was: rounded to uint8)
 }
 DOWNSTREAM = {
     "train": {"train", "evaluate"}, "priors": {"priors", "train", "evaluate"}, "evaluate": {"evaluate"}
@@ -91,6 +93,8 @@ def test_a_workdir_made_by_the_release_is_fully_cached(tmp_path: Path, capsys: p
     release = sets("")
     rows = dry_run(*release)
     assert len(rows) == 6 and all(row[2:4] == ["yes", "skip"] for row in rows.values()), rows
+    rows = dry_run(*sets("train."))  # the new evaluation defaults evaluate again, and nothing else
+    assert {name for name, row in rows.items() if row[2:4] != ["yes", "skip"]} == DOWNSTREAM["evaluate"], rows
     rows = dry_run()  # the new training defaults train again, and only what that feeds
     assert {name for name, row in rows.items() if row[2:4] != ["yes", "skip"]} == DOWNSTREAM["train"], rows
 

@@ -191,8 +191,29 @@ class Benchmark(Strict):
 class EvaluateConfig(Strict):
     splits: list[Literal["val", "test"]] = ["test"]
     benchmarks: list[Benchmark] = []
-    tile: int | None = Field(512, gt=0, description="Tile side for large images (null: whole images).")
+    tile: int | None = Field(
+        512, gt=0, description="Tile side for images beyond the memory budget (null: the largest side that fits)."
+    )
     overlap: int = Field(32, ge=0)
+    memory_budget_mb: float | None = added_field(
+        16384.0,
+        neutral=None,
+        gt=0,
+        description="Restore an image whole when its estimated activation memory fits, in tiles beyond (every "
+        "paper benchmark image fits whole; GoPro's 1280x720 frames need ~7.5 GB for perceive_ir); null: always "
+        "tiles of `tile` (clearair 0.1.0).",
+    )
+    round_uint8: bool = added_field(
+        False,
+        neutral=True,
+        description="Round the output to uint8 before the metrics (what a saved PNG holds; clearair 0.1.0); false "
+        "measures the float output clipped to [0, 1], as PromptIR's evaluation does.",
+    )
+    protocol: Literal["clearair", "promptir"] = added_field(
+        "clearair",
+        description="promptir: PromptIR's test-time centre crop of input and target to multiples of 16 (also SwinIR's "
+        "and Restormer's), before restoring and measuring; clearair: the images as they are.",
+    )
     max_images: int | None = Field(None, ge=1)
     figure_crop: int = 96
     device: Literal["auto", "cpu", "cuda"] = added_field(

@@ -1,9 +1,10 @@
 """Stage 6: PSNR/SSIM of the trained restorer per task and benchmark, a results table and a figure.
 
 Held-out synthetic shards (the test split by default) and standard test folders in known layouts are restored
-whole (tiled when large). Every number says its convention: RGB on [0, 1] as scikit-image computes it (the
-PromptIR line of papers) and Y of BT.601 (BasicSR). Means are image-weighted within a task or benchmark and
-macro (the mean of per-task means) across them.
+whole (tiled beyond the memory budget) and measured on the float output (:mod:`workflows.evaluation`). Every
+number says its convention: RGB on [0, 1] as scikit-image computes it (the PromptIR line of papers) and Y of
+BT.601 (BasicSR). Means are image-weighted within a task or benchmark, macro (the mean of per-task means) across
+a set's tasks, and the papers' Average over benchmarks.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ from workflows.context import RunContext, StageResult
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     from synth.read import shard_paths
-    from workflows.evaluation import evaluate_model, write_figure, write_tables
+    from workflows.evaluation import evaluate_model, protocol_for, write_figure, write_tables
 
-    data = inputs["synth"].outputs["data"]
-    sets: dict[str, Any] = {f"synthetic-{split}": shard_paths(data, split) for split in cfg.evaluate.splits}
+    data, ev = inputs["synth"].outputs["data"], cfg.evaluate
+    sets: dict[str, Any] = {f"synthetic-{split}": shard_paths(data, split) for split in ev.splits}
     results = evaluate_model(
         storage.local_tree(inputs["train"].outputs["model"]),
         sets,
-        [b.model_dump() for b in cfg.evaluate.benchmarks],
-        tile=cfg.evaluate.tile,
-        overlap=cfg.evaluate.overlap,
+        [b.model_dump() for b in ev.benchmarks],
+        protocol_for(ev),
         max_images=cfg.evaluate.max_images,
         seed=cfg.seed,
         device=cfg.evaluate.device,
