@@ -6,9 +6,13 @@ hyperparameters (``torch.load(path, weights_only=True)`` reads them), the parts 
 when a checkpoint is loaded, and DDP neither broadcasts nor reduces them. ``_apply`` forwards device and dtype
 moves to them, so ``module.to(device)`` still moves everything.
 
-Perceive-IR's difficulty weights compare each negative's stored PSNR (``batch["medium_psnr"]``) with the model's
-PSNR on a fixed probe batch (``probe_psnr``): the first validation batch (or, when training starts before any
-validation, the first training batch), re-measured at every epoch start and averaged over ranks.
+Perceive-IR's difficulty weights compare each negative's PSNR with the model's PSNR on a fixed probe set
+(``probe_psnr``), re-measured at every epoch start (every ``fit.val_every`` steps in the pipeline). The negative's
+PSNR is that of its training crop against the ground-truth crop (``negative_psnr="patch"``, as the authors) or the
+whole image's stored in the tier shard (``"image"``, clearair 0.1.0). The probe is the set given to
+:meth:`RestorerModule.set_probe` (:func:`clearair.data.probe_set`: a fixed number of crops per task, spread over
+input difficulty; each rank measures its share and the sums are reduced), else the first validation batch (or,
+when training starts before any validation, the first training batch) of each rank, as clearair 0.1.0 did.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ LOSSES = ("l1", "perceive_ir", "clearair")
 MAX_PSNR = 100.0  # identical images have infinite PSNR; means are taken over values capped here
 CON_LABELS = ("family", "task")  # the batch member the InfoNCE labels come from (see RestorerModule's con_labels)
 VAL_AVERAGES = ("task_mean", "image_mean")  # what val/psnr averages (see RestorerModule's select_by)
+NEGATIVE_PSNR = ("patch", "image")  # where a negative's PSNR comes from (see RestorerModule's negative_psnr)
+PROBE_CHUNK = 8  # probe crops restored per forward pass
 MAX_TASKS = 64  # validation sums are kept per task id in a fixed-size buffer (one all-reduce, any task mix per rank)
 
 
@@ -65,13 +71,19 @@ def build_perceive_ir_loss(
     pixel: str = "l1",
     clip_temperature: float | None = 1.0,
     gather: bool = False,
+    vgg_taps: tuple[str, ...] | None = None,
+    vgg_layer_weights: tuple[float, ...] | None = None,
 ) -> PerceiveIRLoss:
-    """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built."""
+    """Perceive-IR's loss with its frozen parts; a part whose weight is 0 is not built. ``vgg_taps`` and
+    ``vgg_layer_weights``: the perceptual loss's VGG16 layers and their weights (None: the authors')."""
     w = clearair_losses.loss_weights("perceive_ir", weights)
     if w.clip and perceiver is None:
         raise ValueError("the CLIP-aware loss needs perceiver={'config': ..., 'prompts': ...} (or loss_weights clip=0)")
     clip = ClipAwareLoss(build_frozen_perceiver(perceiver, allow_random), clip_temperature) if w.clip else None
-    dpl = DifficultyAdaptivePerceptualLoss(build_vgg_features(vgg, allow_random)) if w.dpl else None
+    dpl = None
+    if w.dpl:
+        layer_weights = tuple(vgg_layer_weights or clearair_losses.DPL_LAYER_WEIGHTS)
+        dpl = DifficultyAdaptivePerceptualLoss(build_vgg_features(vgg, allow_random, vgg_taps), layer_weights)
     return PerceiveIRLoss(w, clip, dpl, pixel=pixel, gather=gather)
 
 
@@ -144,6 +156,10 @@ class RestorerModule(L.LightningModule):
             authors) or ``"task"`` (every task its own label; clearair 0.1.0, where noise levels repel).
         con_gather: InfoNCE negatives from every data-parallel rank (the authors' all_gather), not only this
             rank's batch; ``train/con_coverage`` logs the fraction of anchors with at least one negative.
+        vgg_taps, vgg_layer_weights: the perceptual loss's VGG16 layers and weights (None: the authors' taps
+            :data:`clearair.losses.PERCEIVE_IR_TAPS` and weights :data:`clearair.losses.DPL_LAYER_WEIGHTS`).
+        negative_psnr: each medium negative's PSNR for its difficulty weight: ``"patch"`` of its training crop
+            (as the authors), or ``"image"`` the whole image's, stored in the tier shard (clearair 0.1.0).
     """
 
     def __init__(
@@ -169,8 +185,13 @@ class RestorerModule(L.LightningModule):
         select_by: str = "task_mean",
         con_labels: str = "family",
         con_gather: bool = True,
+        vgg_taps: tuple[str, ...] | None = None,
+        vgg_layer_weights: tuple[float, ...] | None = None,
+        negative_psnr: str = "patch",
     ) -> None:
         super().__init__()
+        if negative_psnr not in NEGATIVE_PSNR:
+            raise ValueError(f"unknown negative_psnr {negative_psnr!r}; valid: {', '.join(NEGATIVE_PSNR)}")
         if con_labels not in CON_LABELS:
             raise ValueError(f"unknown con_labels {con_labels!r}; valid: {', '.join(CON_LABELS)}")
         if select_by not in VAL_AVERAGES:
@@ -189,11 +210,13 @@ class RestorerModule(L.LightningModule):
         self.clearair_weights = weights if loss == "clearair" else None
         if loss == "perceive_ir":
             self._frozen["loss"] = build_perceive_ir_loss(
-                loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature, con_gather
-            )
+                loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature, con_gather,
+                vgg_taps, vgg_layer_weights,
+            )  # fmt: skip
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))
         self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
         self._probe: dict[str, Tensor] | None = None
+        self._probe_shared = False  # a probe set every rank holds whole (set_probe), not a rank's own batch
         self._val_total: Tensor | None = None
         self._frozen_sums: dict[str, str] | None = None
 
@@ -264,7 +287,17 @@ class RestorerModule(L.LightningModule):
         """Medium-tier negatives ``(B, P, 3, c, c)`` and their difficulty weights ``(B, P)``, or ``(None, None)``."""
         if "medium" not in batch:
             return None, None
-        return batch["medium"], difficulty_weights(batch["medium_psnr"], self._probe_value)
+        return batch["medium"], difficulty_weights(self.negative_psnr(batch), self._probe_value)
+
+    @torch.no_grad()
+    def negative_psnr(self, batch: dict[str, Any]) -> Tensor:
+        """Each negative's PSNR ``(B, P)``: of its crop against the ground-truth crop, or the stored image value."""
+        if self.hparams.negative_psnr == "image":
+            return batch["medium_psnr"]
+        medium, gt = batch["medium"], batch["gt"]  # (B, P, 3, c, c), (B, 3, c, c)
+        target = gt.unsqueeze(1).expand_as(medium).flatten(0, 1)
+        psnr = psnr_torch(medium.flatten(0, 1).float(), target.float()).clamp(max=MAX_PSNR)
+        return psnr.view(medium.shape[:2]).float()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -272,6 +305,13 @@ class RestorerModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- probe -------------------------------------------------------------------------------------------------
+
+    def set_probe(self, probe: dict[str, Any]) -> None:
+        """Use ``probe`` (a batch of ``lq``, ``gt`` and any ``prior.*`` tensors, the same on every rank; see
+        :func:`clearair.data.probe_set`) as the fixed probe set: each rank measures its share of it."""
+        keep = ("lq", "gt", *[k for k in probe if k.startswith("prior.")])
+        self._probe = {k: probe[k].detach().clone() for k in keep}
+        self._probe_shared = True
 
     def _keep_probe(self, batch: dict[str, Any]) -> None:
         if self._probe is None:
@@ -289,19 +329,30 @@ class RestorerModule(L.LightningModule):
 
     @torch.no_grad()
     def measure_probe(self) -> float:
-        """The model's mean PSNR on the probe batch over all ranks; every rank must call it (a collective)."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of PSNR, images)
-        if self._probe is not None:
-            probe = {k: v.to(self.device) for k, v in self._probe.items()}
-            with eval_mode(self.model):
-                restored = self.restore(probe["lq"], self.priors_for(probe))
-            psnr = psnr_torch(restored.float().clamp(0, 1), probe["gt"].float()).clamp(max=MAX_PSNR)
-            total += torch.stack([psnr.sum(), psnr.new_tensor(float(len(psnr)))])
-        total = self._reduce_sum(total)
+        """The model's mean PSNR on the probe over all ranks; every rank must call it (a collective)."""
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        total = self._reduce_sum(self.probe_sums(rank, world))
         if total[1] > 0:  # else keep the last value (nan before any probe, the stored one after a resume)
             self._probe_value = float(total[0] / total[1])
             self.probe_psnr.fill_(self._probe_value)
         return self._probe_value
+
+    @torch.no_grad()
+    def probe_sums(self, rank: int = 0, world: int = 1) -> Tensor:
+        """``(sum of PSNR, crops)`` over rank ``rank``'s part of the probe: every ``world``-th crop of a probe set
+        (:meth:`set_probe`), or all of the rank's own validation batch; :data:`PROBE_CHUNK` crops per pass."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self._probe is None:
+            return total
+        share = slice(rank, None, world) if self._probe_shared else slice(None)
+        mine = {k: v[share] for k, v in self._probe.items()}
+        for start in range(0, len(mine["lq"]), PROBE_CHUNK):
+            probe = {k: v[start : start + PROBE_CHUNK].to(self.device) for k, v in mine.items()}
+            with eval_mode(self.model):
+                restored = self.restore(probe["lq"], self.priors_for(probe))
+            psnr = psnr_torch(restored.float().clamp(0, 1), probe["gt"].float()).clamp(max=MAX_PSNR)
+            total += torch.stack([psnr.sum(), psnr.new_tensor(float(len(psnr)))])
+        return total
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.probe_every_epoch or math.isnan(self._probe_value):

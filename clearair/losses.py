@@ -134,6 +134,38 @@ class ClipAwareLoss(nn.Module):
         return 1.0 - logits.softmax(dim=-1)[:, self.excellent].mean()
 
 
+# Perceptual-loss taps of VGG16 ``features``: the Perceive-IR authors' (``features[:16]`` at indices 3, 7, 11, 15),
+# and those clearair 0.1.0 used (one tap per block, deeper).
+PERCEIVE_IR_TAPS = ("relu1_2", "conv2_2", "relu3_1", "relu3_3")
+RELEASE_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+DPL_LAYER_WEIGHTS = (1 / 12, 1 / 6, 1 / 3, 1.0)  # per tap, shallow to deep
+VGG16_CONVS = (2, 2, 3, 3, 3)  # convolutions per block of VGG16
+
+
+def vgg16_layer_names() -> list[str]:
+    """The names of VGG16's 31 ``features`` layers (``conv1_1, relu1_1, conv1_2, ..., pool5``), without building it:
+    what a tap may be called."""
+    names = []
+    for block, convs in enumerate(VGG16_CONVS, 1):
+        for conv in range(1, convs + 1):
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+        names.append(f"pool{block}")
+    return names
+
+
+def check_taps(taps: tuple[str, ...] | list[str], layer_weights: tuple[float, ...] | list[float]) -> None:
+    """A ValueError unless ``taps`` are distinct VGG16 layer names, shallow to deep, one weight each."""
+    names = vgg16_layer_names()
+    unknown = [t for t in taps if t not in names]
+    if unknown or not taps:
+        raise ValueError(f"unknown VGG16 taps {unknown or '[]'}; valid: {', '.join(names)}")
+    order = [names.index(t) for t in taps]
+    if order != sorted(set(order)):
+        raise ValueError(f"VGG16 taps must be distinct and shallow to deep, got {list(taps)}")
+    if len(layer_weights) != len(taps):
+        raise ValueError(f"{len(layer_weights)} layer weights for {len(taps)} VGG16 taps {list(taps)}")
+
+
 def _vgg_layer_names(features: nn.Sequential) -> list[str]:
     """``conv1_1, relu1_1, ..., pool1, conv2_1, ...`` for each module of a torchvision VGG ``.features``."""
     names, block, conv = [], 1, 0
@@ -156,9 +188,7 @@ class VGGFeatures(nn.Module):
     overwritten by the next layer.
     """
 
-    def __init__(
-        self, features_module: nn.Sequential, taps: tuple[str, ...] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
-    ):
+    def __init__(self, features_module: nn.Sequential, taps: tuple[str, ...] = PERCEIVE_IR_TAPS):
         super().__init__()
         names = _vgg_layer_names(features_module)
         unknown = [t for t in taps if t not in names]
@@ -207,9 +237,7 @@ class DifficultyAdaptivePerceptualLoss(nn.Module):
     (and its gradient zero rather than NaN) when R, GT, LQ and the negatives all coincide.
     """
 
-    def __init__(
-        self, vgg: VGGFeatures, layer_weights: tuple[float, ...] = (1 / 12, 1 / 6, 1 / 3, 1.0), eps: float = 1e-6
-    ):
+    def __init__(self, vgg: VGGFeatures, layer_weights: tuple[float, ...] = DPL_LAYER_WEIGHTS, eps: float = 1e-6):
         super().__init__()
         if len(layer_weights) != len(vgg.taps):
             raise ValueError(f"{len(layer_weights)} layer weights for {len(vgg.taps)} VGG taps {vgg.taps}")

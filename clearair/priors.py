@@ -230,20 +230,21 @@ def build_frozen_perceiver(spec: dict[str, Any], allow_random: bool = False) -> 
     return freeze(perceiver)
 
 
-def build_vgg_features(spec: str | dict[str, Any] | None, allow_random: bool = False) -> nn.Module:
-    """Frozen :class:`clearair.losses.VGGFeatures` from a source (``"torchvision"`` or a file), a dict
-    ``{"source", "taps", "seed"}``, or None (random weights, only with ``allow_random``)."""
-    from clearair.losses import VGGFeatures
+def build_vgg_features(
+    spec: str | dict[str, Any] | None, allow_random: bool = False, taps: tuple[str, ...] | None = None
+) -> nn.Module:
+    """Frozen :class:`clearair.losses.VGGFeatures` at ``taps`` (None: the Perceive-IR authors') from a source
+    (``"torchvision"`` or a file), a dict ``{"source", "seed"}``, or None (random weights, only with
+    ``allow_random``)."""
+    from clearair.losses import PERCEIVE_IR_TAPS, VGGFeatures
 
-    taps = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
-    spec = _fields(
-        spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "taps": taps, "seed": 0}
-    )
+    taps = tuple(taps or PERCEIVE_IR_TAPS)
+    spec = _fields(spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "seed": 0})
     if spec["source"] is None:
         _refuse_random("VGG16 (vgg=None)", allow_random)
         with seeded_init(spec["seed"]):
-            return VGGFeatures(load_vgg16_features(None), tuple(spec["taps"]))
-    return VGGFeatures(load_vgg16_features(spec["source"]), tuple(spec["taps"]))
+            return VGGFeatures(load_vgg16_features(None), taps)
+    return VGGFeatures(load_vgg16_features(spec["source"]), taps)
 
 
 # ----------------------------------------------------------------------------------------------- providers

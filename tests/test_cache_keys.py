@@ -31,6 +31,9 @@ CHANGED_DEFAULTS = {
     "train.select_by": "image_mean",  # the best checkpoint by the task-mean validation PSNR (was: image-weighted)
     "train.con_labels": "task",  # InfoNCE labels by degradation family (was: by task, noise levels repelling)
     "train.con_gather": False,  # InfoNCE negatives from every worker (was: each worker's own batch)
+    "train.perceptual.taps": ["relu1_2", "relu2_2", "relu3_3", "relu4_3"],  # the authors' VGG16 taps (was: deeper)
+    "train.perceptual.probe_per_task": 0,  # a fixed 24-crop probe per task (was: the first validation batch)
+    "train.perceptual.negative_psnr": "image",  # a negative's PSNR on its crop (was: its whole image's)
     "evaluate.memory_budget_mb": None,  # whole images when they fit (was: always tiles of evaluate.tile)
     "evaluate.round_uint8": True,  # metrics on the float output (was: rounded to uint8)
 }
@@ -54,7 +57,7 @@ def test_release_pipelines_keep_their_stage_keys(pipeline: str) -> None:
     for name in CHANGED_DEFAULTS:  # each new default alone re-keys the stages it feeds, and only those
         keys = stage_keys(_release(pipeline, {k: v for k, v in CHANGED_DEFAULTS.items() if k != name}))
         changed = {stage for stage, key in keys.items() if key != RELEASE_KEYS[pipeline][stage]}
-        section, field = name.split(".")
+        section, field = name.split(".")[:2]
         acts = field not in getattr(_release(pipeline), section).inert_fields() if section == "train" else True
         assert changed == (DOWNSTREAM[section] if acts else set()) | fixed, (name, changed)
 

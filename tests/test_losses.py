@@ -22,6 +22,7 @@ from clearair.losses import (
     negative_coverage,
     strong_photometric,
 )
+from clearair.losses import DPL_LAYER_WEIGHTS, PERCEIVE_IR_TAPS, RELEASE_TAPS, check_taps, vgg16_layer_names
 from clearair.models.perceiver import PerceiverConfig, build_perceiver, fit_prompts
 from clearair.models.pretrained import MissingWeightsError, load_vgg16_features
 
@@ -127,10 +128,40 @@ def test_difficulty_weights_switch_exactly_at_the_model_psnr():
 
 
 def test_vgg_taps(vgg):
+    """The authors' taps, features[:16] at 3, 7, 11, 15; conv2_2 is its convolution's output, before the ReLU."""
     feats = vgg(torch.rand(1, 3, 32, 32))
-    assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
-    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 256]
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 8]
+    assert len(vgg.features) == 16 and sorted(vgg.tap_index) == [3, 7, 11, 15]
+    assert (feats[1] < 0).any() and (feats[0] >= 0).all()  # conv2_2 keeps its negatives: no in-place ReLU after it
     assert not any(p.requires_grad for p in vgg.parameters())
+    release = VGGFeatures(load_vgg16_features(None), RELEASE_TAPS)
+    assert [f.shape[1] for f in release(torch.rand(1, 3, 32, 32))] == [64, 128, 256, 512]
+
+
+def test_vgg16_layer_names_without_building_it_match_the_network():
+    from clearair.losses import _vgg_layer_names
+
+    assert vgg16_layer_names() == _vgg_layer_names(load_vgg16_features(None))
+    check_taps(PERCEIVE_IR_TAPS, DPL_LAYER_WEIGHTS)
+    for taps, weights, message in (
+        (["relu9_9"], [1.0], "unknown VGG16 taps"),
+        (["relu3_3", "relu1_2"], [1.0, 1.0], "shallow to deep"),
+        (["relu1_2", "relu1_2"], [1.0, 1.0], "distinct"),
+        (["relu1_2"], [1.0, 2.0], "2 layer weights for 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_taps(taps, weights)
+
+
+def test_pipeline_defaults_are_the_authors_taps_and_weights():
+    from synth.config import NEUTRAL
+    from workflows.config import PerceptualConfig, TrainConfig
+
+    default = TrainConfig().perceptual
+    assert tuple(default.taps) == PERCEIVE_IR_TAPS and tuple(default.layer_weights) == DPL_LAYER_WEIGHTS
+    neutral = TrainConfig.model_fields["perceptual"].json_schema_extra[NEUTRAL]
+    assert tuple(PerceptualConfig(**neutral).taps) == RELEASE_TAPS  # clearair 0.1.0's, as its cache keys assume
 
 
 def test_dpl_is_safe_at_zero_and_falls_as_restoration_approaches_gt(vgg):
@@ -293,7 +324,7 @@ def _gathered_infonce_worker(rank: int, world: int, init: str, features: torch.T
         positive = features[1, rank * n : (rank + 1) * n].clone().requires_grad_(True)
         loss, coverage = cfe_infonce(anchor, positive, labels[rank * n : (rank + 1) * n], tau=0.1, gather=True)
         loss.backward()
-        out.put((rank, float(loss), float(coverage), anchor.grad, positive.grad))
+        out.put((rank, float(loss.detach()), float(coverage), anchor.grad, positive.grad))
     finally:
         dist.destroy_process_group()
 

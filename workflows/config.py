@@ -130,6 +130,35 @@ class PriorsConfig(Strict):
         return {"workers"}
 
 
+class PerceptualConfig(Strict):
+    """Perceive-IR's difficulty-adaptive perceptual loss: its VGG16 layers and how difficulty is measured."""
+
+    taps: list[str] = Field(
+        ["relu1_2", "conv2_2", "relu3_1", "relu3_3"],  # = clearair.losses.PERCEIVE_IR_TAPS (tested)
+        description="VGG16 layers, shallow to deep: the authors' features[:16] at 3, 7, 11, 15.",
+    )
+    layer_weights: list[float] = Field([1 / 12, 1 / 6, 1 / 3, 1.0], description="One weight per tap.")
+    probe_per_task: int = Field(
+        24,
+        ge=0,
+        description="Crops per degradation family in the fixed difficulty probe, taken from the validation images and "
+        "spread over input difficulty (the authors' 24; denoising's split over its noise levels); 0: each worker's "
+        "first validation batch (clearair 0.1.0).",
+    )
+    negative_psnr: Literal["patch", "image"] = Field(
+        "patch",
+        description="A medium negative's PSNR for its difficulty weight: of its training crop (the authors'), or of "
+        "the whole image, as stored in the tier shard (clearair 0.1.0).",
+    )
+
+    @model_validator(mode="after")
+    def _taps(self) -> PerceptualConfig:
+        from clearair.losses import check_taps
+
+        check_taps(self.taps, self.layer_weights)
+        return self
+
+
 class TrainConfig(Strict):
     model: ModelSpec = ModelSpec(arch="perceive_ir")
     loss: Literal["l1", "perceive_ir", "clearair"] = "perceive_ir"
@@ -168,12 +197,23 @@ class TrainConfig(Strict):
         "local part), as the authors; false: each worker's own batch (clearair 0.1.0).",
     )
 
+    perceptual: PerceptualConfig = added_field(
+        PerceptualConfig(),
+        neutral=PerceptualConfig(
+            taps=["relu1_2", "relu2_2", "relu3_3", "relu4_3"], probe_per_task=0, negative_psnr="image"
+        ),
+        description="The difficulty-adaptive perceptual loss (Perceive-IR, loss_weights.dpl); clearair 0.1.0 tapped "
+        "VGG16 deeper, probed with the first validation batch and weighed negatives by their whole image's PSNR.",
+    )
+
     def inert_fields(self) -> set[str]:
         """Fields with no effect on this config's training (kept out of its cache key)."""
         from clearair.losses import loss_weights
 
         weights = loss_weights(self.loss, dict(self.loss_weights)) if self.loss == "perceive_ir" else None
         inert = set() if weights is not None and weights.clip != 0 else {"clip_temperature"}
+        if weights is None or weights.dpl == 0:
+            inert.add("perceptual")
         if weights is None or weights.con == 0:
             inert |= {"con_labels", "con_gather"}
         elif self.fit.workers == 1:

@@ -91,6 +91,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         fresh_noise=fit["fresh_noise"],
     )
     val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
+    if data.get("probe") is not None:
+        module.set_probe(data["probe"])
     callbacks = [RayTrainReportCallback()]
     if rank == 0 and config.get("tracking"):
         from workflows.tracking import Tracker
@@ -152,7 +154,9 @@ def fit_restorer(
             writes checkpoints there through pyarrow, with the same AWS settings as ``synth.storage``); the best
             checkpoint is also published there as ``<name>-best.ckpt``.
         module: keyword arguments of ``clearair.lightning.RestorerModule`` (plain types).
-        data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``.
+        data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``, optionally
+            ``"resample"`` (per-task factors) and ``"probe"`` (a fixed difficulty probe batch,
+            :func:`clearair.data.probe_set`, given to every worker's module).
         fit: a ``workflows.config.Fit`` as a dict.
         tracking: ``{"uri", "experiment", "run_id"}`` of the MLflow run that rank 0 logs metrics to.
         progress: rank 0 prints progress lines (:mod:`workflows.progress`), labelled ``name``.

@@ -44,6 +44,9 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
         "select_by": t.select_by,
         "con_labels": t.con_labels,
         "con_gather": t.con_gather,
+        "vgg_taps": tuple(t.perceptual.taps),
+        "vgg_layer_weights": tuple(t.perceptual.layer_weights),
+        "negative_psnr": t.perceptual.negative_psnr,
         "priors": resolved_priors(t.priors, inputs),
         "perceiver": learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
         "vgg": t.vgg,
@@ -71,7 +74,19 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
         train, with_tiers = shard_paths(data, "train"), False
     val = shard_paths(data, "val")
     resample = check_resample(cfg.train.resample, tasks)  # a misspelt task fails here, not in a Ray worker
-    return {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": resample}
+    out = {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": resample}
+    return out | {"probe": difficulty_probe(cfg, val, tasks)}
+
+
+def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> dict[str, Any] | None:
+    """The perceptual loss's fixed probe set (:func:`clearair.data.probe_set`), built once here and handed to every
+    worker; None where the loss has no perceptual part or ``train.perceptual.probe_per_task`` is 0."""
+    from clearair.data import TaskIndex, probe_set
+
+    t = cfg.train
+    if "perceptual" in t.inert_fields() or t.perceptual.probe_per_task == 0:
+        return None
+    return probe_set(val, TaskIndex(tasks), t.fit.crop, t.perceptual.probe_per_task, seed=cfg.seed)
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
