@@ -2,7 +2,7 @@
 
 Two shard formats are read, each decoded by its home in ``synth`` under :mod:`synth.read`'s safety rules (only
 PNG, JSON and pickle-free NPY members; any other member raises :class:`synth.read.ShardFormatError`): *synth
-shards* (:mod:`synth.read`) and *tier shards* (:mod:`synth.tiers`: ``lq`` = low, ``gt`` = high, plus ``medium``),
+shards* (:mod:`synth.read`) and *tier shards* (:mod:`synth.tiers`: ``lq`` = low, ``gt`` = high, plus ``mediums``),
 both through :func:`synth.samples.decode`.
 
 Either may carry precomputed priors (:mod:`synth.samples`: ``KEY.prior.<name>.npy`` members). A prior with
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from synth.read import ShardFormatError, ensure_lq, fresh_lq, iter_raw, to_tensor, where
 from synth.recipes import task_family
 from synth.samples import decode
-from synth.tiers import TIERS
+from synth.tiers import TIERS, medium_tiers
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def restoration_example(
     sample: dict[str, Any], windows: list[Window] | None, tasks: TaskIndex, tiers: bool = False
 ) -> dict[str, Any]:
     """Tensors of one sample: ``lq``/``gt`` under the first window (the whole image when ``windows`` is None),
-    ``lq2`` under the second window if any, ``medium``/``medium_psnr`` when ``tiers``, and ``prior.<name>``."""
+    ``lq2`` under the second window if any, ``prior.<name>`` and, when ``tiers``, ``medium`` ``(P, 3, c, c)``:
+    every one of the sample's P medium tiers under ``gt``'s view, with ``medium_psnr`` their P stored PSNRs."""
     first, meta = (windows[0] if windows else None), sample["meta"]
 
     def view(img: np.ndarray) -> torch.Tensor:
@@ -184,10 +185,13 @@ def restoration_example(
     if windows is not None and len(windows) > 1:
         example["lq2"] = to_tensor(windows[1].apply(sample["lq"]))
     if tiers:
-        if "medium" not in sample:
+        if "mediums" not in sample:
             raise ShardFormatError(f"{where(sample)} has no medium tier: tiers=True needs tier shards")
-        example["medium"] = view(sample["medium"])[None]  # (1, 3, c, c)
-        example["medium_psnr"] = float(meta["psnr"]["medium"])
+        names = medium_tiers(len(sample["mediums"]))
+        if missing := [t for t in names if t not in meta.get("psnr", {})]:
+            raise ShardFormatError(f"{where(sample)}: its json stores no PSNR of the medium tier(s) {missing}")
+        example["medium"] = torch.stack([view(m) for m in sample["mediums"]])  # (P, 3, c, c)
+        example["medium_psnr"] = [float(meta["psnr"][t]) for t in names]
     for name, prior in sample["priors"].items():
         if first is not None:
             prior = crop_prior(prior, first, sample["gt"].shape[:2], max(1, first.size // PRIOR_MAP_STRIDE))
@@ -202,6 +206,9 @@ def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
     for ex in examples[1:]:
         if set(ex) != names:
             raise ShardFormatError(f"samples {examples[0]['key']} and {ex['key']} carry different members in one batch")
+    mediums = {ex["key"]: len(ex["medium"]) for ex in examples if "medium" in ex}
+    if len(set(mediums.values())) > 1:
+        raise ShardFormatError(f"samples with different numbers of medium tiers in one batch (key: count): {mediums}")
     batch: dict[str, Any] = {}
     for name in examples[0]:
         values = [ex[name] for ex in examples]
@@ -210,7 +217,7 @@ def collate_restoration(examples: list[dict[str, Any]]) -> dict[str, Any]:
         elif name in ("task", "family"):
             batch[name] = torch.tensor(values, dtype=torch.long)
         elif name == "medium_psnr":
-            batch[name] = torch.tensor(values, dtype=torch.float32)[:, None]  # (B, 1)
+            batch[name] = torch.tensor(values, dtype=torch.float32)  # (B, P)
         else:
             batch[name] = torch.stack(values)
     return batch
@@ -222,7 +229,8 @@ VIEWS = ("crop", "resize", "train_crop")
 def tier_views(
     sample: dict[str, Any], image_size: int, rng: np.random.Generator, view: str, crop: int | None = None
 ) -> list[np.ndarray]:
-    """The low, medium and high images of a tier sample under one shared random view, each ``(S, S, 3)`` uint8.
+    """The low, a medium and the high image of a tier sample under one shared random view, each ``(S, S, 3)``
+    uint8; of several medium tiers ``rng`` draws one (:func:`pick_medium`).
 
     ``view="crop"``: a random square of side ``min(H, W, image_size)`` at native resolution (resized up only when
     the image is smaller); ``"train_crop"``: a random square of side ``min(H, W, crop)`` (the restorer's training
@@ -234,13 +242,20 @@ def tier_views(
         if view == "train_crop" and crop is None:
             raise ValueError("view 'train_crop' needs the training crop size (crop=...)")
         window = random_windows(h, w, min(h, w, image_size if view == "crop" else crop), rng, origin=where(sample))[0]
-        images = [window.apply(sample[k]) for k in ("lq", "medium", "gt")]
+        orient = window.apply
     elif view == "resize":
-        flip = bool(rng.random() < 0.5)
-        images = [np.ascontiguousarray(sample[k][:, ::-1] if flip else sample[k]) for k in ("lq", "medium", "gt")]
+        orient = Window(0, 0, min(h, w), flip=bool(rng.random() < 0.5)).orient  # the whole image, maybe mirrored
     else:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    return [_resize_square(img, image_size) for img in images]
+    images = (sample["lq"], pick_medium(sample, rng), sample["gt"])  # drawn after the view: one medium, as before
+    return [_resize_square(orient(img), image_size) for img in images]
+
+
+def pick_medium(sample: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """One of a tier sample's medium tiers drawn with ``rng``, so over a stream every restorer's output is seen
+    as "medium"; a sample with one medium draws nothing (its views are those of a single-medium tier set)."""
+    mediums = sample["mediums"]
+    return mediums[int(rng.integers(len(mediums)))] if len(mediums) > 1 else mediums[0]
 
 
 def _resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -573,8 +588,9 @@ def restoration_loader(
     fresh_noise: bool = False,
 ) -> ShardLoader:
     """Training batches ``{"lq", "gt": (B, 3, crop, crop), "lq2" (another crop of the same degraded image),
-    "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, 1, 3, crop, crop)`` and
-    ``"medium_psnr": (B, 1)`` with ``tiers=True`` (tier shards), plus ``"prior.<name>"`` for stored priors.
+    "task": LongTensor (B,), "key": list[str]}``, plus ``"medium": (B, P, 3, crop, crop)`` (a tier set's P medium
+    tiers, under ``gt``'s crop) and ``"medium_psnr": (B, P)`` with ``tiers=True`` (tier shards), plus
+    ``"prior.<name>"`` for stored priors.
 
     Args:
         recipe: the synth recipe (a :class:`synth.recipes.Recipe`) for on-the-fly shards.
@@ -639,9 +655,9 @@ def tier_loader(
     """Prompt-learning batches ``(images (3B, 3, S, S), labels (3B,))`` from tier shards, ``S = image_size``.
 
     ``B = batch_size`` tier samples, ``batch_size / len(tasks)`` of each task; the first B images are their low
-    tier (label 0), then medium (1), then high (2), all three under one shared random view (see
-    :func:`tier_views`; ``crop`` is the training crop of ``view="train_crop"``). Every task in ``tasks`` must occur
-    in the shards.
+    tier (label 0), then medium (1; one of a sample's medium tiers, drawn per sample), then high (2), all three
+    under one shared random view (see :func:`tier_views`; ``crop`` is the training crop of ``view="train_crop"``).
+    Every task in ``tasks`` must occur in the shards.
     """
     dataset = TierStream(
         urls, batch_size, image_size, tasks, seed, shuffle, steps_per_epoch, view, balanced=balanced, crop=crop

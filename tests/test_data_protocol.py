@@ -5,13 +5,27 @@ the eight dihedral symmetries, applied alike to every image of a sample and to i
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
-from clearair.data import RestorationStream, TaskIndex, Window, crop_prior, random_windows, resampled_shares
+from clearair.data import (
+    RestorationStream,
+    TaskIndex,
+    Window,
+    crop_prior,
+    random_windows,
+    resampled_shares,
+    tier_loader,
+    tier_views,
+    whole_images,
+)
 from synth.imageio import encode_png
+from synth.read import ShardFormatError
+from synth.tiers import write_tier_shard
 from tests.test_lightning import tier_sample, write_tar
 
 COUNTS = {"denoise": 120, "derain": 40}
@@ -184,3 +198,52 @@ def test_fresh_noise_draws_new_noise_of_the_stated_sigma_per_draw(tmp_path) -> N
     stored = _low_tiers(url, 0, fresh=False)
     assert all(same(a, stored["n0"][0]) for a in stored["n0"])  # off: the stored draw every time
     assert len(first["r0"]) == 2 and all(same(a, stored["r0"][0]) for a in first["r0"])  # paired: never redrawn
+
+
+def _two_medium_shard(path, n: int, size: int = 48) -> str:
+    """``n`` tier samples written by the tier writer with two medium tiers: the first is the low tier, the second
+    the high tier, so each stays equal to that tier under any view it is given."""
+    rng = np.random.default_rng(4)
+    samples = []
+    for i in range(n):
+        low, high = (rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2))
+        psnr = {"low": 10.0 + i, "medium": 11.0 + i, "medium1": 12.0 + i}
+        samples.append((low, [low, high], high, {"key": f"s{i:02d}", "task": "derain", "psnr": psnr}))
+    write_tier_shard(str(path), samples)
+    return str(path)
+
+
+def test_every_medium_tier_of_a_batch_takes_the_view_of_its_gt(tmp_path) -> None:
+    url = _two_medium_shard(tmp_path / "f0-000000.tar", 6)
+    stream = RestorationStream([url], 32, 3, TaskIndex(["derain"]), tiers=True, augment="dihedral", shuffle=0)
+    batches = list(stream)
+    assert [b["medium"].shape for b in batches] == [(3, 2, 3, 32, 32)] * 2
+    for batch in batches:
+        assert torch.equal(batch["medium"][:, 0], batch["lq"]) and torch.equal(batch["medium"][:, 1], batch["gt"])
+        index = [int(k[1:]) for k in batch["key"]]
+        assert batch["medium_psnr"].tolist() == [[11.0 + i, 12.0 + i] for i in index]  # (B, P), stored order
+    windows = [stream.windows({"key": f"s{i:02d}", "gt": np.zeros((48, 48))})[0] for i in range(6)]
+    assert any(w.rot for w in windows) and any(w.flip for w in windows)  # views that move pixels were taken
+    one = tier_sample("one", "derain", np.random.default_rng(0), size=48)  # a single-medium sample in the batch
+    mixed = write_tar(tmp_path / "mixed.tar", sorted(one) + _first_sample(url))
+    with pytest.raises(ShardFormatError, match=r"different numbers of medium tiers in one batch.*'one': 1.*'s00': 2"):
+        list(RestorationStream([mixed], 32, 2, TaskIndex(["derain"]), tiers=True, shuffle=0))
+
+
+def _first_sample(url: str) -> list[tuple[str, bytes]]:
+    """The members of the first sample of ``url``."""
+    with tarfile.open(url) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.name.startswith("s00.")]
+
+
+def test_the_tier_stream_learns_medium_from_every_restorer(tmp_path) -> None:
+    url = _two_medium_shard(tmp_path / "f0-000000.tar", 40, size=16)
+    images, labels = next(iter(tier_loader([url], 40, 16, TaskIndex(["derain"]), shuffle=0, balanced=False)))
+    low, medium, high = (images[labels == tier] for tier in range(3))
+    from_first = [torch.equal(m, lo) for m, lo in zip(medium, low, strict=True)]
+    assert all(f or torch.equal(m, h) for f, m, h in zip(from_first, medium, high, strict=True))  # low/high's view
+    assert 10 <= sum(from_first) <= 30  # both restorers' outputs are drawn as "medium"
+    sample = next(whole_images([url]))
+    one = tier_views({**sample, "mediums": sample["mediums"][:1]}, 8, np.random.default_rng(7), "crop")
+    two = tier_views(sample, 8, np.random.default_rng(7), "crop")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[2], two[2])  # another medium moves no view

@@ -68,6 +68,28 @@ def test_free_form_sections_are_checked_against_their_schemas_all_at_once(tmp_pa
         load_pipeline("clearair_allweather", {"train.priors.regions.nregions": 4})
 
 
+def test_further_crossval_models_must_be_plain_restorers_that_build():
+    models = [{"arch": "nafnet", "preset": "tiny"}, {"arch": "perceive_ir", "preset": "tiny"}, {"arch": "nafnett"}]
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(TINY, {"crossval.models": models})
+    problems = str(err.value)
+    assert "crossval.models[0]" not in problems
+    assert "crossval.models[1]: 'perceive_ir' needs priors ['dino_cls']; further fold restorers are trained without " \
+           "priors: restormer, nafnet" in problems  # fmt: skip
+    assert "crossval.models[2]: unknown architecture 'nafnett'" in problems
+    cfg = load_pipeline(TINY, {"crossval.models": models[:1]})
+    assert stage_keys(cfg)["crossval"] != stage_keys(load_pipeline(TINY, {"crossval.models": []}))["crossval"]
+
+
+def test_no_further_crossval_models_keep_the_release_crossval_keys():
+    release = Path(__file__).parent / "fixtures" / "release-0.1.0"
+    for name, keys in json.loads((release / "keys.json").read_text())["keys"].items():
+        cfg = load_pipeline(str(release / "pipelines" / f"{name}.yaml"), {"crossval.models": []})
+        assert {s: stage_keys(cfg)[s] for s in ("synth", "crossval", "perceiver")} == {
+            s: keys[s] for s in ("synth", "crossval", "perceiver")
+        }, name
+
+
 def test_changed_setting_rekeys_that_stage_and_downstream_only():
     a = stage_keys(load_pipeline(TINY))
     b = stage_keys(load_pipeline(TINY, {"perceiver.steps": 7}))

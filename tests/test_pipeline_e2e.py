@@ -126,6 +126,10 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_run, tmp_path):
     metas = [json.loads(m["json"]) for p in workdir.glob("stages/crossval-*/tiers/f*.tar") for m in iter_raw(p)]
     noise = [m for m in metas if m["task"].startswith("denoise")]  # what train.fit.fresh_noise redraws from
     assert noise and all(m["degradations"][0]["degradation"] == "gaussian_noise" for m in noise)
+    from clearair.data import whole_images
+
+    samples = list(whole_images(sorted(str(p) for p in workdir.glob("stages/crossval-*/tiers/*.tar"))))
+    assert tiers["mediums"] == ["restormer/tiny", "nafnet/tiny"] and {len(s["mediums"]) for s in samples} == {2}
     t = time.time()
     again = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
     assert again.returncode == 0 and time.time() - t < 60

@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +134,9 @@ def test_tier_manifests_from_crossval_carry_hashes(copy, tmp_path):
             return img
 
     tiers = str(tmp_path / "tiers")
-    shards = restore_fold(Identity(), shard_paths(copy, "train"), tiers, 0, None, 0)
+    shards = restore_fold([Identity()], shard_paths(copy, "train"), tiers, 0, None, 0)
     record = {"fold": 0, "trained_on": [], "restored": [], "psnr_low": 0, "psnr_medium": 0, "val_psnr": 0}
-    manifest = fold_tier_manifest([{**record, "tier_shards": shards}], "digest")
+    manifest = fold_tier_manifest([{**record, "tier_shards": shards}], "digest", ["identity"])
     storage.write_json(storage.join(tiers, "manifest.json"), manifest)
     urls = tier_shard_paths(tiers)
     assert len(urls) == 3 and tier_shard_paths(tiers, heldout=True) == []
@@ -208,7 +209,7 @@ def test_tier_shards_and_prior_members_round_trip_through_their_one_home(tmp_pat
 
     rng = np.random.default_rng(0)
     images = [tuple(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)) for _ in range(2)]
-    samples = [(*imgs, {"key": f"k{i}", "task": "derain", "psnr": {"low": 20.0, "medium": 25.0}})
+    samples = [(imgs[0], [imgs[1]], imgs[2], {"key": f"k{i}", "task": "derain", "psnr": {"low": 20.0, "medium": 25.0}})
                for i, imgs in enumerate(images)]  # fmt: skip
     name = tier_shard_name("s3://b/ds/shards/train-000007.tar", 1, "train")
     assert name == "f1-000007.tar" and tier_shard_name("/d/val-000000.tar", 0, "val") == "val-000000.tar"
@@ -216,7 +217,7 @@ def test_tier_shards_and_prior_members_round_trip_through_their_one_home(tmp_pat
     sha = write_tier_shard(path, iter(samples))
     assert sha == storage.sha256(path)
     raws = list(iter_raw(path))
-    for raw, (low, medium, high, meta) in zip(raws, samples, strict=True):
+    for raw, (low, (medium,), high, meta) in zip(raws, samples, strict=True):
         got = decode(raw, path)
         assert got["meta"] == meta and got["priors"] == {}
         assert all(np.array_equal(got[k], v) for k, v in (("lq", low), ("medium", medium), ("gt", high)))
@@ -231,3 +232,56 @@ def test_tier_shards_and_prior_members_round_trip_through_their_one_home(tmp_pat
         with_priors(raws[0], {"Bad-Name": prior})
     with pytest.raises(ShardFormatError, match="p.tar: sample k0 stores no degraded image"):
         degraded({"__key__": "k0", "gt.png": raws[0]["high.png"], "json": b"{}"}, "p.tar")
+
+
+def _tier_raw(members: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    return sorted((f"t0.{name}", data) for name, data in members.items())
+
+
+def test_several_medium_tiers_are_written_in_member_order_and_read_back(tmp_path):
+    from synth.tiers import TIER_VERSION, tier_manifest, write_tier_shard
+
+    rng = np.random.default_rng(0)
+    low, first, second, high = (rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(4))
+    meta = {"key": "t0", "task": "derain", "psnr": {"low": 20.0, "medium": 25.0, "medium1": 23.0}}
+    path = str(tmp_path / "f0-000000.tar")
+    write_tier_shard(path, [(low, [first, second], high, meta)])
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    assert names == ["t0.high.png", "t0.json", "t0.low.png", "t0.medium.png", "t0.medium1.png"]
+    (got,) = whole_images([path])
+    assert np.array_equal(got["medium"], first) and len(got["mediums"]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(got["mediums"], (first, second), strict=True))
+    shards = [{"name": "f0-000000.tar", "sha256": "x", "samples": 1, "fold": 0, "split": "train", "rows": [meta]}]
+    manifest = tier_manifest(shards, [], "digest", ["restormer/tiny", "nafnet/tiny"])
+    assert manifest["format_version"] == TIER_VERSION == 3 and manifest["mediums"] == ["restormer/tiny", "nafnet/tiny"]
+    assert manifest["tasks"]["derain"] == {"samples": 1, "psnr_low": 20.0, "psnr_medium": 25.0, "margin": 5.0,
+                                           "psnr_medium1": 23.0, "margin1": 3.0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"score \[2\] medium tiers, but 1 are described"):
+        tier_manifest(shards, [], "digest", ["restormer/tiny"])
+
+
+def test_a_version_2_tier_sample_with_one_medium_still_decodes(tmp_path):
+    path = tmp_path / "v2.tar"
+    write_tar(path, sorted(tier_sample("t0", "denoise", np.random.default_rng(0))))  # the members a v2 writer wrote
+    (got,) = whole_images([str(path)])
+    assert len(got["mediums"]) == 1 and got["mediums"][0] is got["medium"] and got["medium"].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"medium2.png"}, "has member 'medium2.png' but no 'medium1.png'"),  # a gap
+        ({"medium1.png", "medium3.png"}, "has member 'medium3.png' but no 'medium2.png'"),
+        ({"medium0.png"}, "has member 'medium0.png'; tier shards hold"),  # junk
+        ({"medium01.png"}, "has member 'medium01.png'; tier shards hold"),
+        ({"mediumx.png"}, "has member 'mediumx.png'; tier shards hold"),
+    ],
+)
+def test_further_medium_members_are_numbered_without_gaps(extra, message, tmp_path):
+    members = {n.split(".", 1)[1]: d for n, d in tier_sample("t0", "denoise", np.random.default_rng(0))}
+    members |= {name: members["medium.png"] for name in extra}
+    path = tmp_path / "bad.tar"
+    write_tar(path, _tier_raw(members))
+    with pytest.raises(ShardFormatError, match=rf"shard {path}: sample t0 {message}"):
+        list(whole_images([str(path)]))

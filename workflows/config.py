@@ -75,6 +75,12 @@ PIXEL_LOSS = "The pixel term: l1 (the papers) or mse (learns sparse residuals su
 
 class CrossvalConfig(Strict):
     model: ModelSpec = ModelSpec()
+    models: list[ModelSpec] = added_field(
+        [],
+        description="Further restorers trained per fold beside `model`, each a plain restorer (pixel_loss alone, no "
+        "priors, the same fit and resample) whose held-out restorations make one more medium tier, as Perceive-IR "
+        "takes several restorers' outputs; `model`'s stays the first medium.",
+    )
     priors: dict[str, Any] = added_field(
         {"kind": "none"}, description="clearair.priors spec of a guided fold restorer (a plain Restormer needs none)."
     )
@@ -313,6 +319,8 @@ class PipelineConfig(Strict):
                 check_priors(dict(section.priors), f"{name}.priors", learned_perceiver=True)
             except ValueError as err:
                 problems.append(str(err))
+        for i, spec in enumerate(self.crossval.models):
+            problems += _plain_restorer_problems(spec, f"crossval.models[{i}]")
         try:
             perceiver_config(dict(self.perceiver.perceiver))
         except ValueError as err:
@@ -328,6 +336,21 @@ class PipelineConfig(Strict):
     def section_digest(self, stage: str) -> str:
         """sha256 of one stage's settings (plus the pipeline seed): part of that stage's cache key."""
         return config_digest({"seed": self.seed, stage: digest_dump(getattr(self, stage))})
+
+
+def _plain_restorer_problems(spec: ModelSpec, where: str) -> list[str]:
+    """What stops ``spec`` from being built and trained without priors (a further cross-validation restorer)."""
+    from clearair.models.factory import model_config, plain_architectures, required_priors
+
+    try:
+        model_config(spec.arch, dict(spec.config), spec.preset)
+    except (ValueError, TypeError, KeyError) as err:
+        return [f"{where}: {err}"]
+    needs = list(required_priors(spec.arch))
+    if not needs:
+        return []
+    valid = ", ".join(plain_architectures())
+    return [f"{where}: {spec.arch!r} needs priors {needs}; further fold restorers are trained without priors: {valid}"]
 
 
 def bundled_pipelines() -> list[str]:

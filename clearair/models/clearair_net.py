@@ -264,6 +264,7 @@ class ClearAIRNet(nn.Module):
 
     arch = "clearair"
     size_multiple = 8
+    required_priors = tuple(PRIOR_SOURCES)
 
     def __init__(self, cfg: ClearAIRConfig) -> None:
         super().__init__()

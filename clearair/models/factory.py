@@ -50,6 +50,17 @@ def architecture(arch: str) -> tuple[type, type]:
     raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(architecture_names())}")
 
 
+def required_priors(arch: str) -> tuple[str, ...]:
+    """The priors ``arch``'s ``forward(lq, priors)`` needs (e.g. ``("dino_cls",)``); empty for a plain restorer
+    that runs on the image alone."""
+    return architecture(arch)[0].required_priors
+
+
+def plain_architectures() -> list[str]:
+    """The architectures that need no priors (:func:`required_priors` empty)."""
+    return [arch for arch in architecture_names() if not required_priors(arch)]
+
+
 def build_model(arch: str, config: dict[str, Any] | None = None, preset: str = "paper") -> nn.Module:
     """A randomly initialised restorer: the ``preset`` config of ``arch`` with the fields in ``config`` replaced.
 

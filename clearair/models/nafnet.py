@@ -110,6 +110,7 @@ class NAFNet(nn.Module):
     """
 
     arch = "nafnet"
+    required_priors: tuple[str, ...] = ()  # runs on the image alone
 
     def __init__(self, cfg: NAFNetConfig, level_factory: LevelFactory | None = None) -> None:
         super().__init__()
@@ -178,6 +179,7 @@ class GuidedNAFNet(nn.Module):
     """
 
     arch = "nafnet_guided"
+    required_priors = ("dino_cls",)
 
     def __init__(
         self, cfg: GuidedNAFNetConfig | NAFNetConfig, dino_dim: int | None = None, cfe_dim: int | None = None

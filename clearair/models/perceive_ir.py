@@ -132,6 +132,7 @@ class PerceiveIR(nn.Module):
     """Perceive-IR restorer. ``forward(lq, priors)`` needs ``priors["dino_cls"]`` ``(B, 4, dino_dim)``."""
 
     arch = "perceive_ir"
+    required_priors = ("dino_cls",)
 
     def __init__(self, cfg: PerceiveIRConfig) -> None:
         super().__init__()

@@ -247,6 +247,7 @@ class Restormer(nn.Module):
 
     arch = "restormer"
     size_multiple = 8
+    required_priors: tuple[str, ...] = ()  # runs on the image alone
 
     def __init__(self, cfg: RestormerConfig, level_factory: LevelFactory | None = None) -> None:
         super().__init__()

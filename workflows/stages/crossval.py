@@ -1,50 +1,65 @@
-"""Stage 2: K-fold cross-validation produces the medium quality tier from held-out restorations.
+"""Stage 2: K-fold cross-validation produces the medium quality tiers from held-out restorations.
 
 For fold k a restorer is trained (Ray Train) on the training shards of every other fold, then restores the
 shards of fold k, whole images (tiled when large). A fold's medium tier therefore never comes from a restorer
-that saw it; ``fold<k>/done.json`` records which shards trained it and which it restored. Folds run as
+that saw it; ``fold<k>/done.json`` records which shards trained it and which it restored. Each further model of
+``crossval.models`` (a plain restorer: the pixel loss alone, no priors) is trained beside it on the same shards
+(Ray Train run ``fold<k>-m<i>``) and gives every sample one more medium tier (``medium<i>``, :mod:`synth.tiers`),
+as Perceive-IR learns "medium" from several restorers' outputs. Folds run as
 parallel Ray tasks when ``parallel_folds`` and the cluster has room, each logging a nested MLflow run. The tier
 set (``tiers/*.tar`` + ``tiers/manifest.json``) is a versioned dataset: its manifest digest is logged as input.
 
 With ``restore_splits`` the restorer of fold 0 (which saw no validation or test image) also restores those
 splits into tier shards named after their source (``val-000000.tar``): held-out tiers on which the perceiver
-stage reports, never trained on. The manifest records every shard's split and, per task, the margin of the
-medium tier over the low one; a task whose margin is below ``min_margin`` dB gets a warning (its tiers are
-hard to tell apart, so prompts learned on them mean little).
+stage reports, never trained on. The manifest records every shard's split and, per task, the margin of each
+medium tier over the low one; a task whose margin is below ``min_margin`` dB gets a warning (its tiers are hard
+to tell apart, so prompts learned on them mean little).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from synth import storage
 from synth.read import iter_shard, shard_paths
-from synth.tiers import mean_psnr, tier_manifest, tier_meta, tier_shard_name, write_tier_shard
-from workflows.config import PipelineConfig
+from synth.tiers import (
+    margin_name,
+    mean_psnr,
+    medium_tiers,
+    tier_manifest,
+    tier_meta,
+    tier_shard_name,
+    write_tier_shard,
+)
+from workflows.config import ModelSpec, PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
 
 if TYPE_CHECKING:
     from clearair.restorer import Restorer
+    from workflows.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def _restored(restorer: Restorer, url: str, fold: int, tile: int | None, overlap: int, rows: list[dict]):
-    """``(low, medium, high, meta)`` of every sample of shard ``url``, its json also appended to ``rows``."""
+def _restored(restorers: list[Restorer], url: str, fold: int, tile: int | None, overlap: int, rows: list[dict]):
+    """``(low, mediums, high, meta)`` of every sample of shard ``url``, one medium per restorer in order, its json
+    also appended to ``rows``."""
     from clearair.metrics import psnr, ssim
 
     for s in iter_shard(url):
-        medium = restorer.restore(s["lq"], tile=tile, overlap=overlap)
-        scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in (("low", s["lq"]), ("medium", medium))}
+        mediums = [restorer.restore(s["lq"], tile=tile, overlap=overlap) for restorer in restorers]
+        tiers = [("low", s["lq"]), *zip(medium_tiers(len(mediums)), mediums, strict=True)]
+        scores = {t: (psnr(img, s["gt"]), ssim(img, s["gt"])) for t, img in tiers}
         rows.append(tier_meta(s, fold, storage.name(url), scores))
-        yield s["lq"], medium, s["gt"], rows[-1]
+        yield s["lq"], mediums, s["gt"], rows[-1]
 
 
 def restore_fold(
-    restorer: Restorer,
+    restorers: list[Restorer],
     held: list[str],
     out: str,
     fold: int,
@@ -53,14 +68,14 @@ def restore_fold(
     split: str = "train",
     progress: bool = False,
 ) -> list[dict]:
-    """Write one tier shard per shard of ``held`` (restored by fold ``fold``'s restorer, named by
-    :func:`synth.tiers.tier_shard_name`); returns the shard records (name, sha256, samples, fold, split, rows).
-    ``progress``: a line per shard on stdout (this runs in a Ray task, whose stdout reaches the driver as lines;
-    a bar would not)."""
+    """Write one tier shard per shard of ``held``, each sample restored by every one of fold ``fold``'s
+    ``restorers`` (named by :func:`synth.tiers.tier_shard_name`); returns the shard records (name, sha256, samples,
+    fold, split, rows). ``progress``: a line per shard on stdout (this runs in a Ray task, whose stdout reaches the
+    driver as lines; a bar would not)."""
     records, started = [], time.monotonic()
     for n, url in enumerate(held, 1):
         name, rows = tier_shard_name(url, fold, split), []
-        sha = write_tier_shard(storage.join(out, name), _restored(restorer, url, fold, tile, overlap, rows))
+        sha = write_tier_shard(storage.join(out, name), _restored(restorers, url, fold, tile, overlap, rows))
         records.append({"name": name, "sha256": sha, "samples": len(rows), "fold": fold, "split": split, "rows": rows})
         if progress:
             took = time.monotonic() - started
@@ -92,61 +107,111 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
-    """Train on the other folds, restore this one. Idempotent: a finished fold returns its record."""
-    from clearair.restorer import load_restorer
-    from workflows.tracking import Tracker
+def plain_module_args(cfg: PipelineConfig, spec: ModelSpec) -> dict[str, Any]:
+    """:func:`restorer_module_args` of a further fold restorer ``spec`` (``crossval.models``): a plain restorer
+    trained with ``crossval.pixel_loss`` alone and no priors, on the same schedule."""
+    model = {"arch": spec.arch, "model_config": dict(spec.config), "preset": spec.preset}
+    plain = {"loss": "l1", "loss_weights": {}, "priors": {"kind": "none"}, "allow_random_frozen": False}
+    return {**restorer_module_args(cfg), **model, **plain}
+
+
+def model_label(spec: ModelSpec) -> str:
+    """A short description of a fold restorer for the tier manifest: ``restormer/tiny``, plus its overrides."""
+    return f"{spec.arch}/{spec.preset}" + (f" {json.dumps(spec.config, sort_keys=True)}" if spec.config else "")
+
+
+def run_name(fold: int, model: int) -> str:
+    """The Ray Train run of a fold's restorer: ``fold<k>`` for ``crossval.model`` (as before further models
+    existed, so its runs resume), ``fold<k>-m<i>`` for the i-th of ``crossval.models``."""
+    return f"fold{fold}" if model == 0 else f"fold{fold}-m{model}"
+
+
+def fit_fold_restorers(fold: int, job: dict[str, Any], train: list[str], tracker: Tracker, run_id: str) -> list[dict]:
+    """Train every restorer of fold ``fold`` on ``train``: the first logs to the fold's MLflow run ``run_id``, each
+    further one to a nested run of its own (``crossval-m<i>-fold<k>``). Returns their :func:`fit_restorer` results."""
     from workflows.training import fit_restorer
 
-    out, data = job["out"], job["data"]
-    done = storage.join(out, f"fold{fold}", "done.json")
+    tr, fits = job["tracking"], []
+    data = {"train": train, "val": job["val"], "tasks": job["tasks"], "resample": job["resample"]}
+    for i, module in enumerate(job["modules"]):
+        tags = {"clearair.fold": str(fold), "clearair.medium": job["mediums"][i]}
+        rid = tracker.start_run(f"crossval-m{i}-fold{fold}", parent_run_id=run_id, tags=tags) if i else run_id
+        ray, seed, tracking = storage.join(job["out"], "ray"), job["seed"] + fold, {**tr, "run_id": rid}
+        fits.append(fit_restorer(run_name(fold, i), ray, module, data, job["fit"], seed, tracking, job["progress"]))
+        if i:
+            tracker.end_run(rid, "FINISHED")
+    return fits
+
+
+def restore_held_out(
+    fold: int, job: dict[str, Any], restorers: list[Restorer], held: list[str]
+) -> tuple[list[dict], list[str]]:
+    """``(tier shard records, held-out source shards)``: fold ``fold`` restored by its ``restorers`` and, by fold 0's
+    (which saw no validation or test image), the ``restore_splits``."""
+    tiers, tile, overlap, progress = storage.join(job["out"], "tiers"), job["tile"], job["overlap"], job["progress"]
+    shards, heldout = restore_fold(restorers, held, tiers, fold, tile, overlap, progress=progress), []
+    for split in job["restore_splits"] if fold == 0 else ():
+        urls = shard_paths(job["data"], split)
+        heldout += urls
+        shards += restore_fold(restorers, urls, tiers, fold, tile, overlap, split, progress)
+    return shards, heldout
+
+
+def fold_record(
+    fold: int, sources: dict[str, list[str]], shards: list[dict], fits: list[dict], mediums: list[str]
+) -> dict[str, Any]:
+    """A fold's ``done.json``: its shards (``sources``: train, held, heldout), tier shards, the first restorer's
+    checkpoint and PSNRs (as before further models existed), and per restorer ``models``."""
+    trained = [row for s in shards if s["split"] == "train" for row in s["rows"]]
+    models = [
+        {"model": label, "run": run_name(fold, i), "checkpoint": fit["checkpoint"], "val_psnr": fit["val_psnr"],
+         "psnr_medium": mean_psnr(trained, tier)}
+        for i, (label, fit, tier) in enumerate(zip(mediums, fits, medium_tiers(len(fits)), strict=True))
+    ]  # fmt: skip
+    return {
+        "fold": fold,
+        "trained_on": [storage.name(u) for u in sources["train"]],
+        "restored": [storage.name(u) for u in sources["held"]],
+        "restored_heldout": [storage.name(u) for u in sources["heldout"]],
+        "tier_shards": shards,
+        "checkpoint": fits[0]["checkpoint"],
+        "val_psnr": fits[0]["val_psnr"],
+        "psnr_low": mean_psnr(trained, "low"),
+        "psnr_medium": models[0]["psnr_medium"],
+        "models": models,
+    }
+
+
+def fold_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The fold's MLflow metrics: PSNRs of the first restorer as before, ``psnr_medium<i>``/``val_psnr<i>`` of
+    the others."""
+    samples = sum(s["samples"] for s in record["tier_shards"] if s["split"] == "train")
+    metrics = {k: record[k] for k in ("psnr_low", "psnr_medium", "val_psnr")} | {"tier_samples": samples}
+    for i, model in enumerate(record["models"][1:], 1):
+        metrics |= {f"psnr_medium{i}": model["psnr_medium"], f"val_psnr{i}": model["val_psnr"]}
+    return metrics
+
+
+def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
+    """Train the fold's restorers on the other folds, restore this one with all of them. Idempotent: a finished
+    fold returns its record."""
+    from clearair.restorer import load_restorer
+    from workflows.tracking import Tracker
+
+    done = storage.join(job["out"], f"fold{fold}", "done.json")
     if storage.exists(done):
         return storage.read_json(done)
-    storage.makedirs(storage.join(out, "tiers"))
+    storage.makedirs(storage.join(job["out"], "tiers"))
     others = [k for k in range(job["folds"]) if k != fold]
-    train, held = shard_paths(data, "train", others), shard_paths(data, "train", [fold])
+    train, held = shard_paths(job["data"], "train", others), shard_paths(job["data"], "train", [fold])
     tr = job["tracking"]
     tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
     run_id = tracker.start_run(f"crossval-fold{fold}", parent_run_id=tr["run_id"], tags={"clearair.fold": str(fold)})
-    fit = fit_restorer(
-        f"fold{fold}",
-        storage.join(out, "ray"),
-        job["module"],
-        {"train": train, "val": job["val"], "tasks": job["tasks"], "resample": job["resample"]},
-        job["fit"],
-        job["seed"] + fold,
-        {**tr, "run_id": run_id},
-        progress=job["progress"],
-    )
-    restorer = load_restorer(fit["checkpoint"], precision="fp32")  # with the frozen parts it trained with
-    tiers, tile, overlap = storage.join(out, "tiers"), job["tile"], job["overlap"]
-    shards = restore_fold(restorer, held, tiers, fold, tile, overlap, progress=job["progress"])
-    heldout = [u for split in job["restore_splits"] for u in shard_paths(data, split)] if fold == 0 else []
-    for split in job["restore_splits"] if fold == 0 else ():  # fold 0's restorer saw no val or test image
-        urls = shard_paths(data, split)
-        shards += restore_fold(restorer, urls, tiers, fold, tile, overlap, split, job["progress"])
-    record = {
-        "fold": fold,
-        "trained_on": [storage.name(u) for u in train],
-        "restored": [storage.name(u) for u in held],
-        "restored_heldout": [storage.name(u) for u in heldout],
-        "tier_shards": shards,
-        "checkpoint": fit["checkpoint"],
-        "val_psnr": fit["val_psnr"],
-    }
-    trained = [row for s in shards if s["split"] == "train" for row in s["rows"]]
-    n = len(trained)
-    record["psnr_low"], record["psnr_medium"] = mean_psnr(trained, "low"), mean_psnr(trained, "medium")
-    tracker.log_metrics(
-        run_id,
-        {
-            "psnr_low": record["psnr_low"],
-            "psnr_medium": record["psnr_medium"],
-            "val_psnr": fit["val_psnr"],
-            "tier_samples": n,
-        },
-        step=job["fit"]["steps"],
-    )
+    fits = fit_fold_restorers(fold, job, train, tracker, run_id)
+    restorers = [load_restorer(fit["checkpoint"], precision="fp32") for fit in fits]  # with their frozen parts
+    shards, heldout = restore_held_out(fold, job, restorers, held)
+    record = fold_record(fold, {"train": train, "held": held, "heldout": heldout}, shards, fits, job["mediums"])
+    tracker.log_metrics(run_id, fold_metrics(record), step=job["fit"]["steps"])
     tracker.close()
     tracker.end_run(run_id, "FINISHED")
     storage.write_json(done, record)
@@ -162,22 +227,37 @@ def run_folds(folds: int, job: dict[str, Any], parallel: bool) -> list[dict[str,
     return ray.get([task.remote(k, job) for k in range(folds)])
 
 
-def warn_on_margins(tasks: dict[str, dict[str, float]], min_margin: float) -> None:
-    """A warning per task whose medium tier is less than ``min_margin`` dB above its low tier."""
+def warn_on_margins(tasks: dict[str, dict[str, float]], min_margin: float, mediums: list[str]) -> None:
+    """A warning per task and medium tier (``mediums``: their restorers) less than ``min_margin`` dB above the
+    task's low tier."""
     for task, row in tasks.items():
-        if row["margin"] < min_margin:
-            log.warning(
-                "crossval: the medium tier of %s is only %.2f dB above its low tier (%.2f -> %.2f dB; want >= %.1f): "
-                "its tiers are hard to tell apart; train the fold restorers longer (crossval.fit.steps)",
-                task, row["margin"], row["psnr_low"], row["psnr_medium"], min_margin,
-            )  # fmt: skip
+        for tier, label in zip(medium_tiers(len(mediums)), mediums, strict=True):
+            if row[margin_name(tier)] < min_margin:
+                log.warning(
+                    "crossval: the %s tier of %s is only %.2f dB above its low tier (%.2f -> %.2f dB; want >= %.1f): "
+                    "its tiers are hard to tell apart; train the fold restorers (%s) longer (crossval.fit.steps)",
+                    tier, task, row[margin_name(tier)], row["psnr_low"], row[f"psnr_{tier}"], min_margin, label,
+                )  # fmt: skip
 
 
-def fold_tier_manifest(records: list[dict[str, Any]], source_digest: str) -> dict[str, Any]:
-    """The tier manifest (:func:`synth.tiers.tier_manifest`) of the fold ``records``."""
+def fold_tier_manifest(records: list[dict[str, Any]], source_digest: str, mediums: list[str]) -> dict[str, Any]:
+    """The tier manifest (:func:`synth.tiers.tier_manifest`) of the fold ``records``, whose restorers ``mediums``
+    describes."""
     shards = [s for r in records for s in r["tier_shards"]]
-    keep = ("fold", "trained_on", "restored", "psnr_low", "psnr_medium", "val_psnr")
-    return tier_manifest(shards, [{k: r[k] for k in keep} for r in records], source_digest)
+    keep = ("fold", "trained_on", "restored", "psnr_low", "psnr_medium", "val_psnr", "models")
+    return tier_manifest(shards, [{k: r[k] for k in keep if k in r} for r in records], source_digest, mediums)
+
+
+def tier_metrics(manifest: dict[str, Any], trained: list[dict]) -> dict[str, float]:
+    """The stage's metrics: PSNRs of the ``trained`` rows per tier, and per task each medium's margin
+    (``margin.<task>`` the first's, ``margin<i>.<task>`` the others')."""
+    tiers = medium_tiers(len(manifest["mediums"]))
+    return {
+        "tier_samples": len(trained),
+        "psnr_low": mean_psnr(trained, "low"),
+        **{f"psnr_{tier}": mean_psnr(trained, tier) for tier in tiers},
+        **{f"{margin_name(t)}.{task}": row[margin_name(t)] for t in tiers for task, row in manifest["tasks"].items()},
+    }
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
@@ -192,7 +272,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
         "folds": folds,
         "val": shard_paths(data, "val"),
         "tasks": sorted(manifest["counts"]["task"]),
-        "module": restorer_module_args(cfg),
+        "modules": [restorer_module_args(cfg), *(plain_module_args(cfg, spec) for spec in cfg.crossval.models)],
+        "mediums": [model_label(spec) for spec in (cfg.crossval.model, *cfg.crossval.models)],
         "fit": cfg.crossval.fit.model_dump(),
         "seed": cfg.seed,
         "tile": cfg.crossval.tile,
@@ -205,8 +286,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     ray_ready(ctx)
     records = run_folds(folds, job, cfg.crossval.parallel_folds)
     tiers = storage.join(ctx.out, "tiers")
-    manifest_out = fold_tier_manifest(records, inputs["synth"].outputs["manifest_sha256"])
-    warn_on_margins(manifest_out["tasks"], cfg.crossval.min_margin)
+    manifest_out = fold_tier_manifest(records, inputs["synth"].outputs["manifest_sha256"], job["mediums"])
+    warn_on_margins(manifest_out["tasks"], cfg.crossval.min_margin, job["mediums"])
     storage.write_json(storage.join(tiers, "manifest.json"), manifest_out)  # published after every tier shard
     digest = storage.sha256(storage.join(tiers, "manifest.json"))
     tracker = ctx.tracker
@@ -223,11 +304,6 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     )
     tracker.log_artifact(ctx.run_id, storage.local_copy(storage.join(tiers, "manifest.json")), "tiers")
     trained = [row for r in records for s in r["tier_shards"] if s["split"] == "train" for row in s["rows"]]
-    metrics = {
-        "tier_samples": len(trained),
-        "psnr_low": mean_psnr(trained, "low"),
-        "psnr_medium": mean_psnr(trained, "medium"),
-        **{f"margin.{task}": row["margin"] for task, row in manifest_out["tasks"].items()},
-    }
+    metrics = tier_metrics(manifest_out, trained)
     tracker.log_metrics(ctx.run_id, metrics, step=0)
     return ctx.result({"tiers": tiers, "tiers_sha256": digest}, metrics)
