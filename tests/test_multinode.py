@@ -41,6 +41,7 @@ def test_pipeline_spreads_over_two_nodes_and_trains_with_world_size_two(tmp_path
             (train,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'train'")
             assert train.data.tags["clearair.world_size"] == "2" and train.data.tags["clearair.nodes"] == "2"
             assert 0.0 <= train.data.metrics["train/con_coverage"] <= 1.0  # InfoNCE over both workers' batches ran
+            assert train.data.metrics["train/probe_psnr"] > 0  # the probe set measured in two shares and reduced
             assert client.get_model_version_by_alias("tiny-restorer", "champion").run_id == train.info.run_id
     finally:
         cluster.shutdown()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -89,6 +91,8 @@ def check_lineage(uri: str, workdir: str | Path) -> None:
     assert digests["synth"] == storage.sha256(manifest)[:36] and "tiers" in digests
     version = client.get_model_version_by_alias("tiny-restorer", "champion")
     assert version.run_id == train.info.run_id
+    probe = client.get_metric_history(train.info.run_id, "train/probe_psnr")  # the fixed probe, re-measured
+    assert len(probe) >= 2 and all(math.isfinite(m.value) for m in probe)
     evaluate = runs["evaluate"][0]
     assert any(k.endswith("psnr_rgb") for k in evaluate.data.metrics)
 
@@ -112,6 +116,9 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_run, tmp_path):
     check_lineage(uri, workdir)
     check_folds_never_restore_what_trained_them(workdir)
     assert (next(workdir.glob("stages/evaluate-*/results.md"))).read_text().count("synthetic-test") >= 2
+    with open(next(workdir.glob("stages/evaluate-*/results.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["tiled"] == "0" for r in rows)  # every test image restored whole, within the budget
     for result in workdir.glob("stages/*/result.json"):
         assert json.loads(result.read_text())["clearair_version"] == CLEARAIR_VERSION, result
     assert next(workdir.glob("stages/train-*/model/model.safetensors")).exists()
