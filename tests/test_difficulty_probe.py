@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from clearair.data import TaskIndex, _probe_candidates, probe_quotas, probe_set, whole_images
+from clearair.data import TaskIndex, probe_quotas, probe_set, whole_images
+from clearair.data.probe import _probe_candidates
 from clearair.lightning import MAX_PSNR, RestorerModule
 from clearair.metrics import psnr_torch
 from tests.test_lightning import synth_shards, synth_tasks  # noqa: F401  (a module fixture)

@@ -11,18 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from clearair.losses import (
+    DPL_LAYER_WEIGHTS,
+    PERCEIVE_IR_TAPS,
+    RELEASE_TAPS,
     ClipAwareLoss,
     DifficultyAdaptivePerceptualLoss,
     LossWeights,
     PerceiveIRLoss,
     VGGFeatures,
     cfe_infonce,
+    check_taps,
     clue_reuse_loss,
     difficulty_weights,
     negative_coverage,
     strong_photometric,
+    vgg16_layer_names,
 )
-from clearair.losses import DPL_LAYER_WEIGHTS, PERCEIVE_IR_TAPS, RELEASE_TAPS, check_taps, vgg16_layer_names
 from clearair.models.perceiver import PerceiverConfig, build_perceiver, fit_prompts
 from clearair.models.pretrained import MissingWeightsError, load_vgg16_features
 
