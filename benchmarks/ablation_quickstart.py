@@ -97,7 +97,7 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
     trainer.fit(module, loader)
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"priors": args["priors"], "allow_random_frozen": True}
-        export_model(module.model.eval(), Path(tmp), extra=extra)
+        export_model(module.exported.eval(), Path(tmp), extra=extra)
         sets = {"test": shard_paths(inputs["synth"].outputs["data"], "test")}
         results = evaluate_model(Path(tmp), sets, [], protocol_for(cfg.evaluate), max_images=None, seed=seed)
     out = {r["task"]: r["psnr_rgb"] for r in results["summary"]}

@@ -18,6 +18,7 @@ when training starts before any validation, the first training batch) of each ra
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -160,6 +161,10 @@ class RestorerModule(L.LightningModule):
             :data:`clearair.losses.PERCEIVE_IR_TAPS` and weights :data:`clearair.losses.DPL_LAYER_WEIGHTS`).
         negative_psnr: each medium negative's PSNR for its difficulty weight: ``"patch"`` of its training crop
             (as the authors), or ``"image"`` the whole image's, stored in the tier shard (clearair 0.1.0).
+        ema_decay: keep an exponential moving average of the network's weights (``self.ema``), updated after every
+            optimizer step with decay ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (so early, untrained
+            weights fade fast in short runs); :meth:`restore` (validation, the probe) and the exported network use
+            it. None: no average (clearair 0.1.0).
     """
 
     def __init__(
@@ -188,6 +193,7 @@ class RestorerModule(L.LightningModule):
         vgg_taps: tuple[str, ...] | None = None,
         vgg_layer_weights: tuple[float, ...] | None = None,
         negative_psnr: str = "patch",
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if negative_psnr not in NEGATIVE_PSNR:
@@ -213,6 +219,10 @@ class RestorerModule(L.LightningModule):
                 loss_weights, perceiver, vgg, allow_random_frozen, pixel_loss, clip_temperature, con_gather,
                 vgg_taps, vgg_layer_weights,
             )  # fmt: skip
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay is not None else None
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long), persistent=ema_decay is not None)
         self.register_buffer("probe_psnr", torch.tensor(float("nan")))
         self._probe_value = float("nan")  # probe_psnr as a Python float: read every step without a device sync
         self._probe: dict[str, Tensor] | None = None
@@ -304,6 +314,22 @@ class RestorerModule(L.LightningModule):
         opt, sched = adamw_cosine(self.model, hp.lr, hp.max_steps, hp.min_lr, hp.weight_decay, tuple(hp.betas))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One step of the weight average towards the network's current weights (buffers copied as they are)."""
+        n = int(self.ema_updates)
+        decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))
+        for average, current in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            average.lerp_(current.detach(), 1.0 - decay)
+        for average, current in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            average.copy_(current)
+        self.ema_updates += 1
+
     # --- probe -------------------------------------------------------------------------------------------------
 
     def set_probe(self, probe: dict[str, Any]) -> None:
@@ -348,7 +374,7 @@ class RestorerModule(L.LightningModule):
         mine = {k: v[share] for k, v in self._probe.items()}
         for start in range(0, len(mine["lq"]), PROBE_CHUNK):
             probe = {k: v[start : start + PROBE_CHUNK].to(self.device) for k, v in mine.items()}
-            with eval_mode(self.model):
+            with eval_mode(self.exported):
                 restored = self.restore(probe["lq"], self.priors_for(probe))
             psnr = psnr_torch(restored.float().clamp(0, 1), probe["gt"].float()).clamp(max=MAX_PSNR)
             total += torch.stack([psnr.sum(), psnr.new_tensor(float(len(psnr)))])
@@ -366,9 +392,16 @@ class RestorerModule(L.LightningModule):
     # --- validation --------------------------------------------------------------------------------------------
 
     def restore(self, lq: Tensor, priors: dict[str, Tensor] | None) -> Tensor:
-        """Restore images of any size: reflect-pad to the model's size multiple, run, crop back."""
+        """Restore images of any size with the network that is exported (the weight average when there is one):
+        reflect-pad to the model's size multiple, run, crop back."""
         h, w = lq.shape[-2:]
-        return self.model(pad_to_multiple(lq, size_multiple(self.model)), priors)[..., :h, :w]
+        net = self.exported
+        return net(pad_to_multiple(lq, size_multiple(net)), priors)[..., :h, :w]
+
+    @property
+    def exported(self) -> nn.Module:
+        """The network that validation, the probe and the export use: the weight average when there is one."""
+        return self.ema if self.ema is not None else self.model
 
     def on_validation_epoch_start(self) -> None:
         self._val_total = torch.zeros(MAX_TASKS, 2, dtype=torch.float64, device=self.device)  # per task: sum, n

@@ -236,8 +236,9 @@ class Restorer:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a RestorerModule checkpoint (``weights_only=True``) and its record: ``arch``, ``config``,
-    ``extra`` (``priors``, ``allow_random_frozen``, ``frozen``), in the shape an export's config.json has."""
+    """The network of a RestorerModule checkpoint (``weights_only=True``; its weight average when it kept one) and
+    its record: ``arch``, ``config``, ``extra`` (``priors``, ``allow_random_frozen``, ``frozen``), in the shape an
+    export's config.json has."""
     from clearair.export import check_state_dict
     from clearair.models.factory import build_model
 
@@ -253,7 +254,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
         raise RestorerLoadError(f"{path} is not a restorer training checkpoint (no {CHECKPOINT_INFO!r} record)")
     hp = ckpt.get("hyper_parameters") or {}
     model = build_model(info["arch"], info["config"])
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    weights = ckpt["state_dict"]
+    prefix = "ema." if any(k.startswith("ema.") for k in weights) else "model."  # the weight average when kept
+    state = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
     extra = {

@@ -424,3 +424,44 @@ def test_val_psnr_is_the_task_mean_or_the_image_mean_as_asked(select_by):
     assert metrics["val/psnr"] == metrics[key]
     with pytest.raises(ValueError, match="select_by"):
         RestorerModule("restormer", preset="tiny", max_steps=1, select_by="median")
+
+
+def test_weight_average_follows_its_warmed_up_decay():
+    torch.manual_seed(0)
+    module = RestorerModule("restormer", preset="tiny", max_steps=1, ema_decay=0.5)
+    start = [p.detach().clone() for p in module.ema.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(start, module.model.parameters(), strict=True))
+    expected = start
+    for n in range(3):
+        with torch.no_grad():
+            for p in module.model.parameters():
+                p.add_(1.0)
+        decay = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25: the early updates move it most
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, module.model.parameters(), strict=True)]
+        module.update_ema()
+    for got, want in zip(module.ema.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert int(module.ema_updates) == 3 and not any(p.requires_grad for p in module.ema.parameters())
+    with pytest.raises(ValueError, match="ema_decay"):
+        RestorerModule("restormer", preset="tiny", max_steps=1, ema_decay=1.0)
+
+
+def test_the_weight_average_is_updated_per_optimizer_step_validated_and_exported(synth_shards, tmp_path):
+    tasks = synth_tasks(synth_shards)
+    fixed = next(iter(restoration_loader(synth_shards, 32, 4, tasks, shuffle=0)))
+    torch.manual_seed(0)
+    module = RestorerModule("restormer", {}, "tiny", "l1", max_steps=6, lr=2e-3, ema_decay=0.9)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit = trainer(tmp_path, max_steps=6, callbacks=[checkpoints], accumulate_grad_batches=2, limit_val_batches=1)
+    fit.fit(module, DataLoader([fixed] * 12, batch_size=None), validation_loader(synth_shards[:1], tasks))
+    assert int(module.ema_updates) == 6  # once per optimizer step, not per accumulated batch
+    average, raw = module.ema.eval()(fixed["lq"]), module.model.eval()(fixed["lq"])
+    assert not torch.allclose(average, raw)  # a real average, not a copy of the last weights
+    ckpt = torch.load(checkpoints.last_model_path, weights_only=True)
+    assert {k for k in ckpt["state_dict"] if k.startswith("ema.")} == {f"ema.{k}" for k in module.ema.state_dict()}
+    restorer = load_restorer(checkpoints.last_model_path, device="cpu", precision="fp32")
+    torch.testing.assert_close(restorer.network(fixed["lq"]), average)  # the average is what is exported
+    with torch.no_grad():
+        torch.testing.assert_close(module.restore(fixed["lq"], None), average)  # and what validation measures
+    resumed = RestorerModule.load_from_checkpoint(checkpoints.last_model_path)
+    assert int(resumed.ema_updates) == 6 and torch.equal(resumed.ema.eval()(fixed["lq"]), average)

@@ -66,6 +66,14 @@ class Fit(Strict):
     fresh_noise: bool = added_field(
         False, description="New noise for every draw of a synthetic noise sample (PromptIR); others as stored."
     )
+    ema: float | None = added_field(
+        None,
+        gt=0,
+        lt=1,
+        description="Decay of an exponential moving average of the weights, updated every optimizer step (warmed up "
+        "as min(ema, (1 + n) / (10 + n))); the average is validated, kept and exported. The authors' BasicSR "
+        "configs: 0.999. null: none.",
+    )
 
 
 Factors = dict[str, Annotated[float, Field(ge=0)]]

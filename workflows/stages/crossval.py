@@ -100,6 +100,7 @@ def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
         "min_lr": cv.fit.min_lr,
         "weight_decay": cv.fit.weight_decay,
         "max_steps": cv.fit.steps,
+        "ema_decay": cv.fit.ema,
         # as in 0.1.0, so the fold restorers (and cached tiers) stay as they were
         "select_by": "image_mean",
         "con_labels": "task",

@@ -55,6 +55,7 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
         "min_lr": t.fit.min_lr,
         "weight_decay": t.fit.weight_decay,
         "max_steps": t.fit.steps,
+        "ema_decay": t.fit.ema,
     }
 
 
