@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from synth.portable import use_portable_cpu
@@ -84,13 +85,13 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
         raise SystemExit(f"{workdir} holds no complete quickstart run: `clearair run quickstart --workdir {workdir}`")
     args, data = module_args(cfg, inputs), training_data(cfg, inputs)
     if cfg.train.loss != "perceive_ir":  # ClearAIR reads the synthetic shards; tiers are Perceive-IR's
-        data = {**data, "train": shard_paths(inputs["synth"].outputs["data"], "train"), "tiers": False}
+        data = replace(data, train=shard_paths(inputs["synth"].outputs["data"], "train"), tiers=False)
     torch.manual_seed(seed)
     module = RestorerModule(**args)
     fit = cfg.train.fit
-    loader = restoration_loader(data["train"], fit.crop, fit.global_batch, TaskIndex(data["tasks"]), seed=seed,
-                                tiers=data["tiers"], steps_per_epoch=fit.val_every,
-                                resample=data["resample"], augment=fit.augment,
+    loader = restoration_loader(data.train, fit.crop, fit.global_batch, TaskIndex(data.tasks), seed=seed,
+                                tiers=data.tiers, steps_per_epoch=fit.val_every,
+                                resample=data.resample, augment=fit.augment,
                                 fresh_noise=fit.fresh_noise)  # fmt: skip
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -143,21 +144,18 @@ def train_on_cluster(address: str, root: Path, steps: int) -> None:
     from synth.read import shard_paths
     from synth.run import RunOptions, synthesize
     from workflows.config import Fit
+    from workflows.records import TrainingData
     from workflows.training import fit_restorer
 
     demo = {"sources": [{"path": "demo", "layout": "demo"}], "demo": {"long_side": 256, "crop": 64}}
     sizes = {"seed": 1, "max_samples": 48, "patch_size": 32, "samples_per_shard": 8}
     cfg = validate_config({**demo, **sizes, "recipe": "3task", "out": str(root / "data")})
     manifest = synthesize(cfg, RunOptions(ray_address=address, progress=False))
-    data = {
-        "train": shard_paths(cfg.out, "train"),
-        "val": shard_paths(cfg.out, "val"),
-        "tasks": sorted(manifest["counts"]["task"]),
-    }
+    data = TrainingData(shard_paths(cfg.out, "train"), shard_paths(cfg.out, "val"), sorted(manifest["counts"]["task"]))
     fit = Fit(steps=steps, global_batch=4, crop=32, val_every=VAL_EVERY, val_images=2, val_crop=64, workers=2)
     module = {"arch": "restormer", "preset": "tiny", "loss": "l1", "lr": 2e-3, "max_steps": steps}  # no priors
     result = fit_restorer("train", str(root / "ray"), module, data, fit.model_dump(), seed=1)
-    (root / "result.json").write_text(json.dumps(result))
+    (root / "result.json").write_text(json.dumps(asdict(result)))
 
 
 def registered_checkpoint(run_dir: Path) -> dict | None:

@@ -61,7 +61,7 @@ def test_prior_shards_keep_every_member_add_priors_and_are_the_same_in_a_bucket(
     assert storage.read_bytes(remote) == storage.read_bytes(local)
 
     source, with_priors = list(iter_raw(url)), list(iter_raw(local))
-    assert record["samples"] == len(source) == len(with_priors) > 0
+    assert record.samples == len(source) == len(with_priors) > 0
     for a, b in zip(source, with_priors, strict=True):
         added = set(b) - set(a)
         assert {k: a[k] for k in a if k != "__url__"} == {k: b[k] for k in a if k != "__url__"}
@@ -220,7 +220,7 @@ def test_a_worker_lost_mid_run_is_restarted_and_its_shard_retried(dataset, poole
     crashed = tmp_path / "crashed"
 
     class DiesOnce(priors_stage.ShardPriors):  # defined here, so Ray ships it by value to the worker
-        def __call__(self, url: str, out: str) -> dict:
+        def __call__(self, url: str, out: str) -> priors_stage.PriorShard:
             if not crashed.exists():
                 crashed.touch()
                 os._exit(1)  # the worker process dies mid-shard, as on a lost node

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from synth import storage
+from workflows.records import TrackingRef
 
 WORKDIR_TOKEN = "{workdir}"  # stands for the workdir's root in result.json
 _LEGACY_STAGE_PATH = re.compile(r"(?P<root>.+?)/(?P<rest>stages/[a-z_]+-[0-9a-f]{12}(?:/.*)?)")
@@ -206,14 +207,9 @@ class RunContext:
             return None
         return storage.join(self.workdir.root, "mlartifacts")
 
-    def tracking(self, run_id: str | None = None) -> dict[str, Any]:
-        """What a remote process needs to log into a run of this invocation (plain, picklable)."""
-        return {
-            "uri": self.tracking_uri,
-            "experiment": self.experiment,
-            "run_id": run_id or self.run_id,
-            "artifact_root": self.artifact_root(),
-        }
+    def tracking(self, run_id: str | None = None) -> TrackingRef:
+        """What a remote process needs to log into run ``run_id`` of this invocation (the stage's by default)."""
+        return TrackingRef(self.tracking_uri, self.experiment, run_id or self.run_id, self.artifact_root())
 
     def result(
         self, outputs: dict[str, str], metrics: dict[str, float] | None = None, skipped: str | None = None

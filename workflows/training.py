@@ -18,16 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from synth import storage
+from workflows.records import BatchPlan, FitResult, TrackingRef, TrainingData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    per_worker: int
-    accumulation: int
-    lr_scale: float
-    note: str
 
 
 def batch_plan(global_batch: int, workers: int, max_worker_batch: int) -> BatchPlan:
@@ -46,6 +39,20 @@ def batch_plan(global_batch: int, workers: int, max_worker_batch: int) -> BatchP
     return BatchPlan(per, accumulation, 1.0, f"global batch {global_batch} not divisible; using {effective}")
 
 
+@dataclass(frozen=True)
+class RestorerJob:
+    """One restorer's Ray Train run as every worker receives it."""
+
+    name: str  # the Ray Train run name, also the label of its progress lines
+    module_args: dict[str, Any]  # keyword arguments of clearair.lightning.RestorerModule, learning rate scaled
+    data: TrainingData
+    fit: dict[str, Any]  # a workflows.config.Fit as a dict
+    seed: int
+    plan: BatchPlan
+    tracking: TrackingRef | None  # the MLflow run rank 0 logs to, or none
+    progress: bool
+
+
 def worker_nodes() -> list[str]:
     """Ray node id of every training worker, gathered over the process group Ray Train set up (all ranks call)."""
     import ray
@@ -59,65 +66,77 @@ def worker_nodes() -> list[str]:
     return nodes
 
 
+def _loaders(job: RestorerJob) -> tuple[Any, Any]:
+    """The worker's training stream (two crops per sample, ``val_every`` optimizer steps per epoch) and its fixed
+    validation set."""
+    from clearair.data import TaskIndex, restoration_loader, validation_loader
+
+    data, fit, tasks = job.data, job.fit, TaskIndex(job.data.tasks)
+    train = restoration_loader(
+        data.train,
+        fit["crop"],
+        job.plan.per_worker,
+        tasks,
+        num_workers=fit["data_workers"],
+        seed=job.seed,
+        two_crops=True,
+        tiers=data.tiers,
+        steps_per_epoch=fit["val_every"] * job.plan.accumulation,
+        resample=data.resample,
+        augment=fit["augment"],
+        fresh_noise=fit["fresh_noise"],
+    )
+    return train, validation_loader(data.val, tasks, fit["val_crop"], fit["val_images"], tiers=False)
+
+
+def _callbacks(job: RestorerJob, nodes: list[str]) -> list[Any]:
+    """Ray Train's report callback on every rank; on rank 0 also MLflow metrics and progress lines."""
+    import ray.train
+    from ray.train.lightning import RayTrainReportCallback
+
+    context, callbacks = ray.train.get_context(), [RayTrainReportCallback()]
+    if context.get_world_rank() != 0:
+        return callbacks
+    if job.tracking is not None:
+        from workflows.tracking.callback import MetricsCallback
+
+        tracker, run_id = job.tracking.open(), job.tracking.run_id
+        tags = {"clearair.world_size": str(context.get_world_size()), "clearair.nodes": str(len(set(nodes)))}
+        tracker.set_tags(run_id, tags)
+        callbacks.append(MetricsCallback(tracker, run_id))
+    if job.progress:
+        from workflows.progress import ProgressLines
+
+        callbacks.append(ProgressLines(job.name, job.fit["steps"], job.fit["global_batch"]))
+    return callbacks
+
+
 def _train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker; ``config["job"]`` is the :class:`RestorerJob`."""
     import lightning.pytorch as L
     import ray.train
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from clearair.data import TaskIndex, restoration_loader, validation_loader
     from clearair.lightning import RestorerModule
 
-    torch.manual_seed(config["seed"])
-    data, fit = config["data"], config["fit"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    job: RestorerJob = config["job"]
+    torch.manual_seed(job.seed)
     nodes = worker_nodes()
-    module = RestorerModule(**config["module"])
-    tasks = TaskIndex(data["tasks"])
-    train = restoration_loader(
-        data["train"],
-        fit["crop"],
-        config["per_worker"],
-        tasks,
-        num_workers=fit["data_workers"],
-        seed=config["seed"],
-        two_crops=True,
-        tiers=data.get("tiers", False),
-        steps_per_epoch=fit["val_every"] * config["accumulation"],
-        resample=data.get("resample"),
-        augment=fit["augment"],
-        fresh_noise=fit["fresh_noise"],
-    )
-    val = validation_loader(data["val"], tasks, fit["val_crop"], fit["val_images"], tiers=False)
-    if data.get("probe") is not None:
-        module.set_probe(data["probe"])
-    callbacks = [RayTrainReportCallback()]
-    if rank == 0 and config.get("tracking"):
-        from workflows.tracking import Tracker
-        from workflows.tracking.callback import MetricsCallback
-
-        tr = config["tracking"]
-        tracker = Tracker(tr["uri"], tr["experiment"], tr.get("artifact_root"))
-        tracker.set_tags(
-            tr["run_id"], {"clearair.world_size": str(context.get_world_size()), "clearair.nodes": str(len(set(nodes)))}
-        )
-        callbacks.append(MetricsCallback(tracker, tr["run_id"]))
-    if rank == 0 and config.get("progress"):
-        from workflows.progress import ProgressLines
-
-        callbacks.append(ProgressLines(config["name"], fit["steps"], fit["global_batch"]))
+    module = RestorerModule(**job.module_args)
+    train, val = _loaders(job)
+    if job.data.probe is not None:
+        module.set_probe(job.data.probe)
     trainer = L.Trainer(
-        max_steps=fit["steps"],
+        max_steps=job.fit["steps"],
         max_epochs=-1,
-        accelerator="gpu" if fit["use_gpu"] else "cpu",
+        accelerator="gpu" if job.fit["use_gpu"] else "cpu",
         devices="auto",
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=callbacks,
-        precision=fit["precision"],
-        accumulate_grad_batches=config["accumulation"],
+        callbacks=_callbacks(job, nodes),
+        precision=job.fit["precision"],
+        accumulate_grad_batches=job.plan.accumulation,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -136,16 +155,40 @@ def _train_loop(config: dict[str, Any]) -> None:
         )
 
 
+def _trainer(job: RestorerJob, storage_path: str) -> Any:
+    """The ``TorchTrainer`` of ``job``: its workers and resources, the best two checkpoints by ``val/psnr`` kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fit = job.fit
+    resources = {"CPU": fit["cpus_per_worker"], **({"GPU": 1} if fit["use_gpu"] else {})}
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=fit["workers"], use_gpu=fit["use_gpu"], resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage.resolve(storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val/psnr", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=fit["max_failures"]),
+        ),
+    )
+
+
 def fit_restorer(
     name: str,
     storage_path: str,
     module: dict[str, Any],
-    data: dict[str, Any],
+    data: TrainingData,
     fit: dict[str, Any],
     seed: int,
-    tracking: dict[str, Any] | None = None,
+    tracking: TrackingRef | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> FitResult:
     """Train (or resume) one restorer with Ray Train; returns the best checkpoint's location and its metrics.
 
     Args:
@@ -154,55 +197,18 @@ def fit_restorer(
             writes checkpoints there through pyarrow, with the same AWS settings as ``synth.storage``); the best
             checkpoint is also published there as ``<name>-best.ckpt``.
         module: keyword arguments of ``clearair.lightning.RestorerModule`` (plain types).
-        data: ``{"train": [shard urls], "val": [shard urls], "tasks": [task names], "tiers": bool}``, optionally
-            ``"resample"`` (per-task factors) and ``"probe"`` (a fixed difficulty probe batch,
-            :func:`clearair.data.probe_set`, given to every worker's module).
+        data: the shards, tasks, resampling and difficulty probe (given to every worker's module).
         fit: a ``workflows.config.Fit`` as a dict.
-        tracking: ``{"uri", "experiment", "run_id"}`` of the MLflow run that rank 0 logs metrics to.
+        tracking: the MLflow run that rank 0 logs metrics to.
         progress: rank 0 prints progress lines (:mod:`workflows.progress`), labelled ``name``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     plan = batch_plan(fit["global_batch"], fit["workers"], fit["max_worker_batch"])
-    module = {**module, "lr": module["lr"] * plan.lr_scale}
     if plan.note:
         log.warning("%s: %s", name, plan.note)
-    config = {
-        "name": name,
-        "progress": progress,
-        "module": module,
-        "data": data,
-        "fit": fit,
-        "seed": seed,
-        "tracking": tracking,
-        "per_worker": plan.per_worker,
-        "accumulation": plan.accumulation,
-    }
-    resources = {"CPU": fit["cpus_per_worker"], **({"GPU": 1} if fit["use_gpu"] else {})}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=fit["workers"], use_gpu=fit["use_gpu"], resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage.resolve(storage_path),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val/psnr", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=fit["max_failures"]),
-        ),
-    )
-    result = trainer.fit()
+    module = {**module, "lr": module["lr"] * plan.lr_scale}
+    result = _trainer(RestorerJob(name, module, data, fit, seed, plan, tracking, progress), storage_path).fit()
     best, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/psnr", float("-inf")))
     dest = storage.join(storage_path, f"{name}-best.ckpt")
     with best.as_directory() as d:
         storage.put_file(Path(d) / "checkpoint.ckpt", dest)
-    return {
-        "checkpoint": dest,
-        "val_psnr": float(metrics.get("val/psnr", float("nan"))),
-        "step": int(metrics.get("step", 0)),
-        "batch_plan": plan.__dict__,
-    }
+    return FitResult(dest, float(metrics.get("val/psnr", float("nan"))), int(metrics.get("step", 0)), plan)

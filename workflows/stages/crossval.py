@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synth import storage
@@ -36,6 +37,7 @@ from synth.tiers import (
 )
 from workflows.config import ModelSpec, PipelineConfig
 from workflows.context import RunContext, StageResult
+from workflows.records import FitResult, TrackingRef, TrainingData
 from workflows.stages.common import ray_ready
 
 if TYPE_CHECKING:
@@ -43,6 +45,36 @@ if TYPE_CHECKING:
     from workflows.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """What every fold's task needs (the fold number is the task's own argument)."""
+
+    out: str  # the stage's output: tiers/, ray/ and fold<k>/done.json
+    data: str  # the synth dataset
+    folds: int
+    val: list[str]  # the validation shards every fold restorer is validated on
+    tasks: list[str]
+    module_args: list[dict[str, Any]]  # RestorerModule keyword arguments per fold restorer: the model, then models
+    model_labels: list[str]  # their descriptions (model_label), the tier manifest's ``mediums``
+    fit: dict[str, Any]  # crossval.fit as a dict
+    seed: int  # the pipeline's; fold k trains with seed + k
+    tile: int | None
+    overlap: int
+    restore_splits: list[str]  # held-out splits restored by fold 0's restorers
+    resample: dict[str, float]
+    progress: bool
+    tracking: TrackingRef  # the stage's run, under which each fold nests its own
+
+
+@dataclass(frozen=True)
+class FoldShards:
+    """The source shards of one fold: those its restorers trained on, and those they restored."""
+
+    train: list[str]  # the training shards of every other fold
+    held: list[str]  # this fold's training shards
+    heldout: list[str]  # validation and test shards (``restore_splits``, fold 0 only)
 
 
 def _restored(restorers: list[Restorer], url: str, fold: int, tile: int | None, overlap: int, rows: list[dict]):
@@ -127,56 +159,55 @@ def run_name(fold: int, model: int) -> str:
     return f"fold{fold}" if model == 0 else f"fold{fold}-m{model}"
 
 
-def fit_fold_restorers(fold: int, job: dict[str, Any], train: list[str], tracker: Tracker, run_id: str) -> list[dict]:
+def fit_fold_restorers(fold: int, job: FoldJob, train: list[str], tracker: Tracker, run_id: str) -> list[FitResult]:
     """Train every restorer of fold ``fold`` on ``train``: the first logs to the fold's MLflow run ``run_id``, each
-    further one to a nested run of its own (``crossval-m<i>-fold<k>``). Returns their :func:`fit_restorer` results."""
+    further one to a nested run of its own (``crossval-m<i>-fold<k>``)."""
     from workflows.training import fit_restorer
 
-    tr, fits = job["tracking"], []
-    data = {"train": train, "val": job["val"], "tasks": job["tasks"], "resample": job["resample"]}
-    for i, module in enumerate(job["modules"]):
-        tags = {"clearair.fold": str(fold), "clearair.medium": job["mediums"][i]}
+    data, ray, fits = TrainingData(train, job.val, job.tasks, resample=job.resample), storage.join(job.out, "ray"), []
+    for i, module in enumerate(job.module_args):
+        tags = {"clearair.fold": str(fold), "clearair.medium": job.model_labels[i]}
         rid = tracker.start_run(f"crossval-m{i}-fold{fold}", parent_run_id=run_id, tags=tags) if i else run_id
-        ray, seed, tracking = storage.join(job["out"], "ray"), job["seed"] + fold, {**tr, "run_id": rid}
-        fits.append(fit_restorer(run_name(fold, i), ray, module, data, job["fit"], seed, tracking, job["progress"]))
+        seed, tracking = job.seed + fold, job.tracking.child(rid)
+        fits.append(fit_restorer(run_name(fold, i), ray, module, data, job.fit, seed, tracking, job.progress))
         if i:
             tracker.end_run(rid, "FINISHED")
     return fits
 
 
 def restore_held_out(
-    fold: int, job: dict[str, Any], restorers: list[Restorer], held: list[str]
+    fold: int, job: FoldJob, restorers: list[Restorer], held: list[str]
 ) -> tuple[list[dict], list[str]]:
     """``(tier shard records, held-out source shards)``: fold ``fold`` restored by its ``restorers`` and, by fold 0's
     (which saw no validation or test image), the ``restore_splits``."""
-    tiers, tile, overlap, progress = storage.join(job["out"], "tiers"), job["tile"], job["overlap"], job["progress"]
+    tiers, tile, overlap, progress = storage.join(job.out, "tiers"), job.tile, job.overlap, job.progress
     shards, heldout = restore_fold(restorers, held, tiers, fold, tile, overlap, progress=progress), []
-    for split in job["restore_splits"] if fold == 0 else ():
-        urls = shard_paths(job["data"], split)
+    for split in job.restore_splits if fold == 0 else ():
+        urls = shard_paths(job.data, split)
         heldout += urls
         shards += restore_fold(restorers, urls, tiers, fold, tile, overlap, split, progress)
     return shards, heldout
 
 
 def fold_record(
-    fold: int, sources: dict[str, list[str]], shards: list[dict], fits: list[dict], mediums: list[str]
+    fold: int, sources: FoldShards, shards: list[dict], fits: list[FitResult], mediums: list[str]
 ) -> dict[str, Any]:
-    """A fold's ``done.json``: its shards (``sources``: train, held, heldout), tier shards, the first restorer's
-    checkpoint and PSNRs (as before further models existed), and per restorer ``models``."""
+    """A fold's ``done.json``: its source shards, tier shards, the first restorer's checkpoint and PSNRs (as before
+    further models existed), and per restorer ``models``."""
     trained = [row for s in shards if s["split"] == "train" for row in s["rows"]]
     models = [
-        {"model": label, "run": run_name(fold, i), "checkpoint": fit["checkpoint"], "val_psnr": fit["val_psnr"],
+        {"model": label, "run": run_name(fold, i), "checkpoint": fit.checkpoint, "val_psnr": fit.val_psnr,
          "psnr_medium": mean_psnr(trained, tier)}
         for i, (label, fit, tier) in enumerate(zip(mediums, fits, medium_tiers(len(fits)), strict=True))
     ]  # fmt: skip
     return {
         "fold": fold,
-        "trained_on": [storage.name(u) for u in sources["train"]],
-        "restored": [storage.name(u) for u in sources["held"]],
-        "restored_heldout": [storage.name(u) for u in sources["heldout"]],
+        "trained_on": [storage.name(u) for u in sources.train],
+        "restored": [storage.name(u) for u in sources.held],
+        "restored_heldout": [storage.name(u) for u in sources.heldout],
         "tier_shards": shards,
-        "checkpoint": fits[0]["checkpoint"],
-        "val_psnr": fits[0]["val_psnr"],
+        "checkpoint": fits[0].checkpoint,
+        "val_psnr": fits[0].val_psnr,
         "psnr_low": mean_psnr(trained, "low"),
         "psnr_medium": models[0]["psnr_medium"],
         "models": models,
@@ -193,39 +224,39 @@ def fold_metrics(record: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def run_fold(fold: int, job: dict[str, Any]) -> dict[str, Any]:
-    """Train the fold's restorers on the other folds, restore this one with all of them. Idempotent: a finished
-    fold returns its record."""
+def run_fold(fold: int, job: FoldJob) -> dict[str, Any]:
+    """Train the fold's restorers on the other folds, restore this one with all of them; returns the fold's
+    ``done.json`` record. Idempotent: a finished fold returns its record."""
     from clearair.restorer import load_restorer
-    from workflows.tracking import Tracker
 
-    done = storage.join(job["out"], f"fold{fold}", "done.json")
+    done = storage.join(job.out, f"fold{fold}", "done.json")
     if storage.exists(done):
         return storage.read_json(done)
-    storage.makedirs(storage.join(job["out"], "tiers"))
-    others = [k for k in range(job["folds"]) if k != fold]
-    train, held = shard_paths(job["data"], "train", others), shard_paths(job["data"], "train", [fold])
-    tr = job["tracking"]
-    tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
-    run_id = tracker.start_run(f"crossval-fold{fold}", parent_run_id=tr["run_id"], tags={"clearair.fold": str(fold)})
+    storage.makedirs(storage.join(job.out, "tiers"))
+    others = [k for k in range(job.folds) if k != fold]
+    train, held = shard_paths(job.data, "train", others), shard_paths(job.data, "train", [fold])
+    tracker = job.tracking.open()
+    tags = {"clearair.fold": str(fold)}
+    run_id = tracker.start_run(f"crossval-fold{fold}", parent_run_id=job.tracking.run_id, tags=tags)
     fits = fit_fold_restorers(fold, job, train, tracker, run_id)
-    restorers = [load_restorer(fit["checkpoint"], precision="fp32") for fit in fits]  # with their frozen parts
+    restorers = [load_restorer(fit.checkpoint, precision="fp32") for fit in fits]  # with their frozen parts
     shards, heldout = restore_held_out(fold, job, restorers, held)
-    record = fold_record(fold, {"train": train, "held": held, "heldout": heldout}, shards, fits, job["mediums"])
-    tracker.log_metrics(run_id, fold_metrics(record), step=job["fit"]["steps"])
+    record = fold_record(fold, FoldShards(train, held, heldout), shards, fits, job.model_labels)
+    tracker.log_metrics(run_id, fold_metrics(record), step=job.fit["steps"])
     tracker.close()
     tracker.end_run(run_id, "FINISHED")
     storage.write_json(done, record)
     return record
 
 
-def run_folds(folds: int, job: dict[str, Any], parallel: bool) -> list[dict[str, Any]]:
+def run_folds(job: FoldJob, parallel: bool) -> list[dict[str, Any]]:
+    """Every fold's ``done.json`` record: the folds one after the other, or as parallel Ray tasks."""
     if not parallel:
-        return [run_fold(k, job) for k in range(folds)]
+        return [run_fold(k, job) for k in range(job.folds)]
     import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_fold)
-    return ray.get([task.remote(k, job) for k in range(folds)])
+    return ray.get([task.remote(k, job) for k in range(job.folds)])
 
 
 def warn_on_margins(tasks: dict[str, dict[str, float]], min_margin: float, mediums: list[str]) -> None:
@@ -261,50 +292,52 @@ def tier_metrics(manifest: dict[str, Any], trained: list[dict]) -> dict[str, flo
     }
 
 
-def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+def fold_job(cfg: PipelineConfig, ctx: RunContext, data: str, task_counts: dict[str, int]) -> FoldJob:
+    """The folds' job on the synth dataset ``data``, whose manifest counts ``task_counts`` samples per task; a
+    misspelt ``crossval.resample`` task fails here, not in a Ray task."""
     from clearair.data import check_resample
 
+    cv = cfg.crossval
+    return FoldJob(
+        out=ctx.out,
+        data=data,
+        folds=cfg.synth.splits.folds,
+        val=shard_paths(data, "val"),
+        tasks=sorted(task_counts),
+        module_args=[restorer_module_args(cfg), *(plain_module_args(cfg, spec) for spec in cv.models)],
+        model_labels=[model_label(spec) for spec in (cv.model, *cv.models)],
+        fit=cv.fit.model_dump(),
+        seed=cfg.seed,
+        tile=cv.tile,
+        overlap=cv.overlap,
+        restore_splits=list(cv.restore_splits),
+        resample=check_resample(cv.resample, task_counts),
+        progress=ctx.progress,
+        tracking=ctx.tracking(),
+    )
+
+
+def log_datasets(ctx: RunContext, synth: StageResult, tiers: str, digest: str, samples: int) -> None:
+    """The synth dataset trained on and the tier set made, as the stage run's dataset inputs, and the tier
+    manifest as an artifact."""
+    ctx.tracker.log_dataset(ctx.run_id, "synth", synth.outputs["manifest_sha256"], synth.outputs["data"], "training")
+    ctx.tracker.log_dataset(ctx.run_id, "tiers", digest, tiers, "output", {"samples": samples})
+    ctx.tracker.log_artifact(ctx.run_id, storage.local_copy(storage.join(tiers, "manifest.json")), "tiers")
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     data = inputs["synth"].outputs["data"]
     manifest = storage.read_json(storage.join(data, "manifest.json"))
-    folds = cfg.synth.splits.folds
-    job = {
-        "out": ctx.out,
-        "data": data,
-        "folds": folds,
-        "val": shard_paths(data, "val"),
-        "tasks": sorted(manifest["counts"]["task"]),
-        "modules": [restorer_module_args(cfg), *(plain_module_args(cfg, spec) for spec in cfg.crossval.models)],
-        "mediums": [model_label(spec) for spec in (cfg.crossval.model, *cfg.crossval.models)],
-        "fit": cfg.crossval.fit.model_dump(),
-        "seed": cfg.seed,
-        "tile": cfg.crossval.tile,
-        "overlap": cfg.crossval.overlap,
-        "restore_splits": list(cfg.crossval.restore_splits),
-        "progress": ctx.progress,
-        "resample": check_resample(cfg.crossval.resample, manifest["counts"]["task"]),
-        "tracking": ctx.tracking(),
-    }
+    job = fold_job(cfg, ctx, data, manifest["counts"]["task"])
     ray_ready(ctx)
-    records = run_folds(folds, job, cfg.crossval.parallel_folds)
+    records = run_folds(job, cfg.crossval.parallel_folds)
     tiers = storage.join(ctx.out, "tiers")
-    manifest_out = fold_tier_manifest(records, inputs["synth"].outputs["manifest_sha256"], job["mediums"])
-    warn_on_margins(manifest_out["tasks"], cfg.crossval.min_margin, job["mediums"])
+    manifest_out = fold_tier_manifest(records, inputs["synth"].outputs["manifest_sha256"], job.model_labels)
+    warn_on_margins(manifest_out["tasks"], cfg.crossval.min_margin, job.model_labels)
     storage.write_json(storage.join(tiers, "manifest.json"), manifest_out)  # published after every tier shard
     digest = storage.sha256(storage.join(tiers, "manifest.json"))
-    tracker = ctx.tracker
-    tracker.log_dataset(
-        ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "training"
-    )
-    tracker.log_dataset(
-        ctx.run_id,
-        "tiers",
-        digest,
-        tiers,
-        "output",
-        {"samples": sum(s["samples"] for s in manifest_out["shards"])},
-    )
-    tracker.log_artifact(ctx.run_id, storage.local_copy(storage.join(tiers, "manifest.json")), "tiers")
+    log_datasets(ctx, inputs["synth"], tiers, digest, sum(s["samples"] for s in manifest_out["shards"]))
     trained = [row for r in records for s in r["tier_shards"] if s["split"] == "train" for row in s["rows"]]
     metrics = tier_metrics(manifest_out, trained)
-    tracker.log_metrics(ctx.run_id, metrics, step=0)
+    ctx.tracker.log_metrics(ctx.run_id, metrics, step=0)
     return ctx.result({"tiers": tiers, "tiers_sha256": digest}, metrics)

@@ -13,12 +13,13 @@ the view they were learned on, for the CLIP-aware loss and for ``clearair score`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
+from workflows.records import TrackingRef
 from workflows.stages.common import ray_ready, remote_call
 
 
@@ -31,60 +32,99 @@ def perceiver_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()}
 
 
-def fit_perceiver(job: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PerceiverJob:
+    """The prompt-learning run as its Ray task receives it."""
+
+    out: str  # the stage's output: prompts.safetensors and the figures
+    perceiver_config: dict[str, Any]  # the full PerceiverConfig as plain types (perceiver_config)
+    steps: int
+    lr: float
+    min_lr: float
+    batch_per_tier: int  # rounded up to a multiple of the task count (task-balanced batches)
+    tasks: list[str]
+    train: list[str]  # tier shards the prompts learn on
+    val: list[str]  # tier shards validated and reported on
+    seed: int
+    use_gpu: bool
+    allow_random_frozen: bool
+    view: str  # crop, resize or train_crop (perceiver.view)
+    crop: int  # train.fit.crop: the crop of the ``train_crop`` view
+    tracking: TrackingRef  # the stage's run
+
+
+@dataclass(frozen=True)
+class LearnedPrompts:
+    """What the prompt-learning task returns: where the prompts and figures are, and the held-out report."""
+
+    prompts: str  # prompts.safetensors
+    confusion: list[list[int]]  # the validation confusion matrix, rows true tier, columns predicted
+    metrics: dict[str, float]  # val/..., heldout/... and whole/...
+    figures: list[str]  # the confusion heatmap and the tier contact sheet
+
+
+def tier_loaders(job: PerceiverJob) -> tuple[Any, Any]:
+    """Task-balanced training batches of the tier shards and the fixed validation batches, on the job's view."""
+    from clearair.data import TaskIndex, tier_loader
+
+    tasks, size, seed = TaskIndex(job.tasks), job.perceiver_config["image_size"], job.seed
+    batch = -(-job.batch_per_tier // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
+    view, crop = job.view, job.crop
+    train = tier_loader(job.train, batch, size, tasks, seed=seed, view=view, crop=crop)
+    val = tier_loader(job.val, batch, size, tasks, seed=seed, shuffle=0, balanced=False, view=view, crop=crop)
+    return train, val
+
+
+def prompt_trainer(job: PerceiverJob, callbacks: list[Any], root: str) -> Any:
+    """The Lightning trainer of the prompts: one device, no logger or checkpoints, validated every epoch."""
+    import lightning.pytorch as L
+
+    return L.Trainer(
+        max_steps=job.steps,
+        max_epochs=-1,
+        accelerator="gpu" if job.use_gpu else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=root,
+        check_val_every_n_epoch=1,
+    )
+
+
+def fit_perceiver(job: PerceiverJob) -> LearnedPrompts:
     """Train the prompts; runs as a Ray task (on a GPU node when asked)."""
     import lightning.pytorch as L
 
-    from clearair.data import TaskIndex, tier_loader
     from clearair.lightning import PerceiverModule
-    from workflows.tracking import Tracker
     from workflows.tracking.callback import MetricsCallback
 
-    tr = job["tracking"]
-    tracker = Tracker(tr["uri"], tr["experiment"], tr["artifact_root"])
-    L.seed_everything(job["seed"], workers=True, verbose=False)  # a Ray task's RNGs start from the OS otherwise
+    tracker = job.tracking.open()
+    L.seed_everything(job.seed, workers=True, verbose=False)  # a Ray task's RNGs start from the OS otherwise
     module = PerceiverModule(
-        job["perceiver"],
-        max_steps=job["steps"],
-        lr=job["lr"],
-        min_lr=job["min_lr"],
-        allow_random_frozen=job["allow_random"],
-        seed=job["seed"],
+        job.perceiver_config,
+        max_steps=job.steps,
+        lr=job.lr,
+        min_lr=job.min_lr,
+        allow_random_frozen=job.allow_random_frozen,
+        seed=job.seed,
     )
-    tasks = TaskIndex(job["tasks"])
-    size = job["perceiver"]["image_size"]
-    batch = -(-job["batch"] // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
-    view, crop = job["view"], job["crop"]
-    train = tier_loader(job["train"], batch, size, tasks, seed=job["seed"], view=view, crop=crop)
-    val = tier_loader(job["val"], batch, size, tasks, seed=job["seed"], shuffle=0, balanced=False, view=view, crop=crop)
+    train, val = tier_loaders(job)
+    crop = score_crop(job.view, job.crop, job.perceiver_config["image_size"])
     keep = ("prompts.safetensors", *FIGURES)  # Lightning's working files stay local
-    with storage.local_output(job["out"], keep=keep) as out:
-        trainer = L.Trainer(
-            max_steps=job["steps"],
-            max_epochs=-1,
-            accelerator="gpu" if job["use_gpu"] else "cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            callbacks=[MetricsCallback(tracker, tr["run_id"])],
-            default_root_dir=str(out / "lightning"),
-            check_val_every_n_epoch=1,
-        )
+    with storage.local_output(job.out, keep=keep) as out:
+        trainer = prompt_trainer(job, [MetricsCallback(tracker, job.tracking.run_id)], str(out / "lightning"))
         trainer.fit(module, train, val)
         trainer.validate(module, val, verbose=False)
-        module.export_prompts(out / "prompts.safetensors", view={"view": view, "crop": score_crop(view, crop, size)})
+        module.export_prompts(out / "prompts.safetensors", view={"view": job.view, "crop": crop})
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        metrics |= heldout_report(module.perceiver.eval(), job["val"], score_crop(view, crop, size), out)
+        metrics |= heldout_report(module.perceiver.eval(), job.val, crop, out)
     tracker.close()
-    return {
-        "prompts": storage.join(job["out"], "prompts.safetensors"),
-        "confusion": module.confusion.tolist(),
-        "metrics": metrics,
-        "figures": [storage.join(job["out"], n) for n in FIGURES],
-    }
+    figures = [storage.join(job.out, n) for n in FIGURES]
+    return LearnedPrompts(storage.join(job.out, "prompts.safetensors"), module.confusion.tolist(), metrics, figures)
 
 
 FIGURES = ("confusion_matrix.png", "tier_examples.png")
@@ -119,44 +159,52 @@ def heldout_report(perceiver, urls: list[str], crop: int | None, out) -> dict[st
     return metrics
 
 
-def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+def tier_split(tiers: str) -> tuple[list[str], list[str]]:
+    """``(train, val)`` tier shards: all of them and the held-out ones, or without held-out restorations the first
+    three quarters and the last quarter (one shard: the same shard for both)."""
     from synth.tiers import tier_shard_paths
 
-    tiers = inputs["crossval"].outputs["tiers"]
-    manifest = storage.read_json(storage.join(tiers, "manifest.json"))
     urls, heldout = tier_shard_paths(tiers), tier_shard_paths(tiers, heldout=True)
     if heldout:
-        train, val = urls, heldout
-    else:  # no held-out restorations: the last quarter of the tier shards validates
-        held = max(1, len(urls) // 4) if len(urls) > 1 else 0
-        train, val = (urls[:-held], urls[-held:]) if held else (urls, urls)
-    job = {
-        "out": ctx.out,
-        "perceiver": perceiver_config(cfg),
-        "lr": cfg.perceiver.lr,
-        "min_lr": cfg.perceiver.min_lr,
-        "steps": cfg.perceiver.steps,
-        "batch": cfg.perceiver.batch_per_tier,
-        "tasks": sorted(manifest["tasks"]),
-        "train": train,
-        "val": val,
-        "seed": cfg.seed,
-        "use_gpu": cfg.perceiver.use_gpu,
-        "allow_random": cfg.perceiver.allow_random_frozen,
-        "view": cfg.perceiver.view,
-        "crop": cfg.train.fit.crop,
-        "tracking": ctx.tracking(),
-    }
+        return urls, heldout
+    held = max(1, len(urls) // 4) if len(urls) > 1 else 0
+    return (urls[:-held], urls[-held:]) if held else (urls, urls)
+
+
+def perceiver_job(cfg: PipelineConfig, ctx: RunContext, tiers: str) -> PerceiverJob:
+    """The prompt-learning job on the tier set ``tiers``."""
+    train, val = tier_split(tiers)
+    p = cfg.perceiver
+    return PerceiverJob(
+        out=ctx.out,
+        perceiver_config=perceiver_config(cfg),
+        steps=p.steps,
+        lr=p.lr,
+        min_lr=p.min_lr,
+        batch_per_tier=p.batch_per_tier,
+        tasks=sorted(storage.read_json(storage.join(tiers, "manifest.json"))["tasks"]),
+        train=train,
+        val=val,
+        seed=cfg.seed,
+        use_gpu=p.use_gpu,
+        allow_random_frozen=p.allow_random_frozen,
+        view=p.view,
+        crop=cfg.train.fit.crop,
+        tracking=ctx.tracking(),
+    )
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    tiers = inputs["crossval"].outputs["tiers"]
+    job = perceiver_job(cfg, ctx, tiers)
     ray_ready(ctx)
-    res = remote_call(fit_perceiver, job, num_cpus=1, num_gpus=1 if cfg.perceiver.use_gpu else 0)
+    learned = remote_call(fit_perceiver, job, num_cpus=1, num_gpus=1 if cfg.perceiver.use_gpu else 0)
     tracker = ctx.tracker
     tracker.log_dataset(ctx.run_id, "tiers", inputs["crossval"].outputs["tiers_sha256"], tiers, "training")
-    tracker.log_dict(
-        ctx.run_id,
-        {"labels": ["low", "medium", "high"], "rows_true_cols_pred": res["confusion"]},
-        "confusion_matrix.json",
-    )
-    for path in (res["prompts"], *res["figures"]):
+    confusion = {"labels": ["low", "medium", "high"], "rows_true_cols_pred": learned.confusion}
+    tracker.log_dict(ctx.run_id, confusion, "confusion_matrix.json")
+    for path in (learned.prompts, *learned.figures):
         tracker.log_artifact(ctx.run_id, storage.local_copy(path))
-    tracker.log_metrics(ctx.run_id, res["metrics"], step=cfg.perceiver.steps)
-    return ctx.result({"prompts": res["prompts"], "perceiver_config": json.dumps(job["perceiver"])}, res["metrics"])
+    tracker.log_metrics(ctx.run_id, learned.metrics, step=cfg.perceiver.steps)
+    outputs = {"prompts": learned.prompts, "perceiver_config": json.dumps(job.perceiver_config)}
+    return ctx.result(outputs, learned.metrics)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,17 @@ ON_THE_FLY = {
     "dino": "DINOv2 CLS tokens are taken on each random crop, so they are computed on the fly during training",
 }
 RESTARTS = 2  # a worker lost (its node, its process) is restarted, and its shard retried, this many times
+Record = TypeVar("Record")
+
+
+@dataclass(frozen=True)
+class PriorShard:
+    """A shard written with priors: its name, digest, sample count and forward passes of the frozen models."""
+
+    name: str
+    sha256: str
+    samples: int
+    batches: int
 
 
 def size_batches(images: Iterable[tuple[int, np.ndarray]], batch_size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
@@ -81,7 +93,7 @@ class ShardPriors:
         with torch.inference_mode():
             return {name: value.float().cpu().numpy() for name, value in self.provider(lq).items()}
 
-    def __call__(self, url: str, out: str) -> dict[str, Any]:
+    def __call__(self, url: str, out: str) -> PriorShard:
         raws = list(iter_raw(url))
         lqs = ((i, degraded(raw, url)) for i, raw in enumerate(raws))
         batches = 0
@@ -91,7 +103,7 @@ class ShardPriors:
                 raws[i] = with_priors(raws[i], {name: value[row] for name, value in priors.items()})
             batches += 1
         sha, _ = publish_tar(out, [m for raw in raws for m in raw_members(raw)])
-        return {"name": storage.name(out), "sha256": sha, "samples": len(raws), "batches": batches}
+        return PriorShard(storage.name(out), sha, len(raws), batches)
 
 
 class _Loads:
@@ -110,22 +122,22 @@ class _Loads:
 class _PoolWorker:
     """One actor of the pool: ``make()`` (the expensive model load) once per process, then shard after shard."""
 
-    def __init__(self, make: Callable[[], Callable[[str, str], dict[str, Any]]], loads: Any) -> None:
+    def __init__(self, make: Callable[[], Callable[[str, str], Any]], loads: Any) -> None:
         import ray
 
         self.work = make()
         ray.get(loads.add.remote())  # before any shard it computes, so counted once all shards are back
 
-    def shard(self, url: str, out: str) -> dict[str, Any]:
+    def shard(self, url: str, out: str) -> Any:
         return self.work(url, out)
 
 
 def run_pool(
-    make: Callable[[], Callable[[str, str], dict[str, Any]]],
+    make: Callable[[], Callable[[str, str], Record]],
     jobs: list[tuple[str, str]],
     workers: int,
     resources: dict[str, float],
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[Record], int]:
     """Each ``(url, out)`` job done by one of ``workers`` actors (fewer if there are fewer jobs), the next job
     going to whichever is free; each actor calls ``make()`` once and the result for each of its jobs. A lost actor
     is restarted and its job retried, :data:`RESTARTS` times. Returns the job records and how many times ``make``
@@ -175,8 +187,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     resources = {"num_cpus": 1, "num_gpus": 1} if cfg.priors.use_gpu else {"num_cpus": 1}
     make = partial(ShardPriors, spec, cfg.train.allow_random_frozen, cfg.priors.batch_size)
     records, loads = run_pool(make, todo, cfg.priors.workers, resources)
-    samples = sum(r["samples"] for r in records)
-    batches = sum(r["batches"] for r in records)
+    samples = sum(r.samples for r in records)
+    batches = sum(r.batches for r in records)
     metrics = {"shards_written": len(records), "samples": samples, "batches": batches, "model_loads": loads}
     ctx.tracker.log_metrics(ctx.run_id, metrics, step=0)
     ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "precomputed"})

@@ -8,11 +8,13 @@ safetensors + config (with the priors it needs and its provenance) and registere
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
+from workflows.records import FitResult, TrainingData
 from workflows.stages.common import ray_ready
 
 
@@ -59,7 +61,10 @@ def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str
     }
 
 
-def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
+def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> TrainingData:
+    """What the restorer trains on: the tier shards for Perceive-IR (never the held-out ones), the shards with
+    precomputed priors where the priors stage wrote them, the synth shards otherwise; validated on the synth
+    validation split."""
     from clearair.data import check_resample
     from synth.read import shard_paths
 
@@ -75,8 +80,7 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[s
         train, with_tiers = shard_paths(data, "train"), False
     val = shard_paths(data, "val")
     resample = check_resample(cfg.train.resample, tasks)  # a misspelt task fails here, not in a Ray worker
-    out = {"train": train, "val": val, "tasks": tasks, "tiers": with_tiers, "resample": resample}
-    return out | {"probe": difficulty_probe(cfg, val, tasks)}
+    return TrainingData(train, val, tasks, with_tiers, resample, difficulty_probe(cfg, val, tasks))
 
 
 def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> dict[str, Any] | None:
@@ -90,50 +94,48 @@ def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> d
     return probe_set(val, TaskIndex(tasks), t.fit.crop, t.perceptual.probe_per_task, seed=cfg.seed)
 
 
-def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+def export_restorer(cfg: PipelineConfig, ctx: RunContext, module: dict[str, Any], fit: FitResult) -> str:
+    """Export the best checkpoint (safetensors + config, with its priors, frozen parts, perceiver and how it was
+    trained) into the stage's ``model``; returns that location."""
     from clearair.export import export_model
     from clearair.restorer import read_checkpoint
-    from workflows.training import fit_restorer
 
-    module, data = module_args(cfg, inputs), training_data(cfg, inputs)
-    ray_ready(ctx)
-    fit = fit_restorer(
-        "train",
-        storage.join(ctx.out, "ray"),
-        module,
-        data,
-        cfg.train.fit.model_dump(),
-        cfg.seed,
-        ctx.tracking(),
-        progress=ctx.progress,
-    )
-    model, record = read_checkpoint(storage.local_copy(fit["checkpoint"]))
+    model, record = read_checkpoint(storage.local_copy(fit.checkpoint))
     extra = {
         "priors": module["priors"],
         "frozen": record["extra"]["frozen"],
         "perceiver": module["perceiver"],
         "pipeline": cfg.name,
         "allow_random_frozen": cfg.train.allow_random_frozen,
-        "trained": {"val_psnr": fit["val_psnr"], "step": fit["step"], "batch_plan": fit["batch_plan"]},
+        "trained": {"val_psnr": fit.val_psnr, "step": fit.step, "batch_plan": asdict(fit.batch_plan)},
     }
     export = storage.join(ctx.out, "model")
     with storage.local_output(export) as local:
         export_model(model, local, extra=extra)
-    tracker = ctx.tracker
-    if data["tiers"]:
-        tracker.log_dataset(
-            ctx.run_id,
-            "tiers",
-            inputs["crossval"].outputs["tiers_sha256"],
-            inputs["crossval"].outputs["tiers"],
-            "training",
-        )
-    tracker.log_dataset(
-        ctx.run_id, "synth", inputs["synth"].outputs["manifest_sha256"], inputs["synth"].outputs["data"], "validation"
-    )
-    version = tracker.register_model(
+    return export
+
+
+def log_datasets(ctx: RunContext, inputs: dict[str, StageResult], tiers: bool) -> None:
+    """The tier set (when trained on) and the synth dataset (validated on) as the stage run's dataset inputs."""
+    if tiers:
+        cv = inputs["crossval"].outputs
+        ctx.tracker.log_dataset(ctx.run_id, "tiers", cv["tiers_sha256"], cv["tiers"], "training")
+    synth = inputs["synth"].outputs
+    ctx.tracker.log_dataset(ctx.run_id, "synth", synth["manifest_sha256"], synth["data"], "validation")
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
+    from workflows.training import fit_restorer
+
+    module, data = module_args(cfg, inputs), training_data(cfg, inputs)
+    ray_ready(ctx)
+    ray_storage, fit_cfg = storage.join(ctx.out, "ray"), cfg.train.fit.model_dump()
+    fit = fit_restorer("train", ray_storage, module, data, fit_cfg, cfg.seed, ctx.tracking(), progress=ctx.progress)
+    export = export_restorer(cfg, ctx, module, fit)
+    log_datasets(ctx, inputs, data.tiers)
+    version = ctx.tracker.register_model(
         ctx.run_id, storage.local_tree(export), cfg.tracking.registered_model, cfg.tracking.alias
     )
-    metrics = {"best_val_psnr": fit["val_psnr"], "best_step": fit["step"]}
-    tracker.log_metrics(ctx.run_id, metrics, step=cfg.train.fit.steps)
-    return ctx.result({"model": export, "checkpoint": fit["checkpoint"], "registered_version": str(version)}, metrics)
+    metrics = {"best_val_psnr": fit.val_psnr, "best_step": fit.step}
+    ctx.tracker.log_metrics(ctx.run_id, metrics, step=cfg.train.fit.steps)
+    return ctx.result({"model": export, "checkpoint": fit.checkpoint, "registered_version": str(version)}, metrics)
