@@ -109,5 +109,19 @@ def test_average_row_is_the_unweighted_mean_over_benchmark_rows(tmp_path: Path):
     average = next(r for r in summary if (r["set"], r["task"]) == AVERAGE)
     assert average["psnr_rgb"] == pytest.approx((30.0 + 37.0) / 2) and average["images"] == 3
     assert not any((r["set"], r["task"]) == AVERAGE for r in summarise(rows[:1] + rows[-1:]))  # one benchmark: none
-    md, _ = write_tables({"summary": summary, "protocol": "whole images"}, tmp_path)
+    md, _, _ = write_tables({"summary": summary, "protocol": "whole images"}, tmp_path)
     assert "| average | benchmarks | 3 | 0 |" in md.read_text() and "Protocol: whole images." in md.read_text()
+
+
+def test_the_per_image_table_holds_one_row_per_image_with_its_scores(model_dir, bench, tmp_path):
+    import csv
+
+    results = evaluate_model(model_dir, {}, [{"name": "b1", "path": str(bench)}], Protocol(tile=None), None, seed=0)
+    _, _, images = write_tables(results, tmp_path)
+    with open(images) as f:
+        rows = {r["key"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(SIZES)
+    for row in results["rows"]:
+        assert float(rows[row["key"]]["psnr_rgb"]) == pytest.approx(row["psnr_rgb"], abs=1e-9)
+        assert float(rows[row["key"]]["input_psnr_rgb"]) == pytest.approx(row["input_psnr_rgb"], abs=1e-9)
+        assert rows[row["key"]]["set"] == "b1" and rows[row["key"]]["kind"] == "benchmark"

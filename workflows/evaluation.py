@@ -222,9 +222,18 @@ def flat_metrics(summary: list[dict[str, Any]]) -> dict[str, float]:
     return {f"{r['set']}.{r['task']}.{m}": r[m] for r in summary for m in ("psnr_rgb", "ssim_rgb", "psnr_y")}
 
 
-def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """``results.md`` and ``results.csv``: per set and task, restored vs input, RGB and Y conventions named."""
+IMAGE_COLUMNS = ("set", "kind", "task", "key", "tiled", *METRICS, *(f"input_{m}" for m in METRICS))
+
+
+def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+    """``results.md`` and ``results.csv``: per set and task, restored vs input, RGB and Y conventions named; and
+    ``results_images.csv``: one row per image (:data:`IMAGE_COLUMNS`), to see what a mean hides."""
     out.mkdir(parents=True, exist_ok=True)
+    images_path = out / "results_images.csv"
+    with open(images_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=IMAGE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results.get("rows", []))
     cols = [
         "set",
         "task",
@@ -259,7 +268,7 @@ def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
             f"{r['input_ssim_rgb']:.4f} | {r['ssim_rgb']:.4f} | {r['psnr_y']:.2f} | {r['ssim_y']:.4f} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
-    return md_path, csv_path
+    return md_path, csv_path, images_path
 
 
 def write_figure(results: dict[str, Any], path: Path, crop: int) -> Path | None:

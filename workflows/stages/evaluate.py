@@ -43,4 +43,5 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     figure = storage.join(ctx.out, figure.name) if figure is not None else None
     metrics = results["metrics"]
     tracker.log_metrics(ctx.run_id, metrics, step=0)
-    return ctx.result({"table_md": str(tables[0]), "table_csv": str(tables[1]), "figure": str(figure)}, metrics)
+    outputs = {"table_md": str(tables[0]), "table_csv": str(tables[1]), "table_images": str(tables[2])}
+    return ctx.result({**outputs, "figure": str(figure)}, metrics)
