@@ -1,6 +1,6 @@
 """The quickstart-size ablation of the papers' losses, on the shards, tiers and prompts of a quickstart run.
 
-Trains the quickstart's restorer in one process (no Ray; the same RestorerModule, loaders and schedule as the
+Trains the quickstart's restorer in one process (no Ray; the same spec, RestorerModule, loaders and schedule as the
 train stage) with
 
     (a) Perceive-IR, L1 only                (b) + InfoNCE on CFE        (c) + InfoNCE + CLIP-aware
@@ -69,13 +69,13 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
 
     from clearair.data import TaskIndex, restoration_loader
     from clearair.export import export_model
-    from clearair.lightning import RestorerModule
+    from clearair.lightning import build_restorer_module
     from synth.read import shard_paths
     from workflows.config import load_pipeline
     from workflows.context import Workdir
     from workflows.evaluation import evaluate_model, protocol_for
     from workflows.pipeline import stage_keys
-    from workflows.stages.train import module_args, training_data
+    from workflows.stages.train import restorer_spec, training_data
 
     overrides = {"seed": seed, "train.fit.steps": steps, **{f"train.{k}": v for k, v in variant.items()}, **extra}
     cfg = load_pipeline("quickstart", overrides)
@@ -83,11 +83,11 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
     inputs = {s: wd.cached(s, keys[s]) for s in ("synth", "crossval", "perceiver", "priors")}
     if None in inputs.values():
         raise SystemExit(f"{workdir} holds no complete quickstart run: `clearair run quickstart --workdir {workdir}`")
-    args, data = module_args(cfg, inputs), training_data(cfg, inputs)
+    spec, data = restorer_spec(cfg, inputs), training_data(cfg, inputs)
     if cfg.train.loss != "perceive_ir":  # ClearAIR reads the synthetic shards; tiers are Perceive-IR's
         data = replace(data, train=shard_paths(inputs["synth"].outputs["data"], "train"), tiers=False)
     torch.manual_seed(seed)
-    module = RestorerModule(**args)
+    module = build_restorer_module(spec)
     fit = cfg.train.fit
     loader = restoration_loader(data.train, fit.crop, fit.global_batch, TaskIndex(data.tasks), seed=seed,
                                 tiers=data.tiers, steps_per_epoch=fit.val_every,
@@ -97,7 +97,7 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, loader)
     with tempfile.TemporaryDirectory() as tmp:
-        extra = {"priors": args["priors"], "allow_random_frozen": True}
+        extra = {"priors": spec.priors, "allow_random_frozen": True}
         export_model(module.exported.eval(), Path(tmp), extra=extra)
         sets = {"test": shard_paths(inputs["synth"].outputs["data"], "test")}
         results = evaluate_model(Path(tmp), sets, [], protocol_for(cfg.evaluate), max_images=None, seed=seed)

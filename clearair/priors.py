@@ -101,17 +101,14 @@ def _check_dino_source(source: Any, where: str) -> None:
 
 
 class PriorProvider(nn.Module):
-    """Frozen prior computation: ``forward(lq) -> {name: float32 tensor}`` in eval mode, without gradients.
+    """Frozen prior computation: ``forward(lq) -> {name: float32 tensor}`` without gradients, built in eval mode
+    (a trainer holds it in :class:`clearair.models.pretrained.Frozen`, which keeps it there).
 
     ``dims`` names the restorer config fields that must agree with this provider (e.g. ``{"dino_dim": 768}``).
     """
 
     names: tuple[str, ...] = ()
     dims: dict[str, int]
-
-    def train(self, mode: bool = True) -> PriorProvider:
-        """Frozen: stays in eval mode whatever a parent asks."""
-        return super().train(False)
 
     def compute(self, lq: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -233,10 +230,10 @@ def build_frozen_perceiver(spec: dict[str, Any], allow_random: bool = False) -> 
 def build_vgg_features(
     spec: str | dict[str, Any] | None, allow_random: bool = False, taps: tuple[str, ...] | None = None
 ) -> nn.Module:
-    """Frozen :class:`clearair.losses.VGGFeatures` at ``taps`` (None: the Perceive-IR authors') from a source
+    """Frozen :class:`clearair.models.vgg.VGGFeatures` at ``taps`` (None: the Perceive-IR authors') from a source
     (``"torchvision"`` or a file), a dict ``{"source", "seed"}``, or None (random weights, only with
     ``allow_random``)."""
-    from clearair.losses import PERCEIVE_IR_TAPS, VGGFeatures
+    from clearair.models.vgg import PERCEIVE_IR_TAPS, VGGFeatures
 
     taps = tuple(taps or PERCEIVE_IR_TAPS)
     spec = _fields(spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "seed": 0})

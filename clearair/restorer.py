@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from clearair.inference import plan_tile, restore_image
+from clearair.models.pretrained import full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,11 @@ class RestorerLoadError(ValueError):
 
 
 def fingerprint(module: nn.Module) -> str:
-    """sha256 of a module's weights: every state-dict tensor in name order, name and shape included, floating
-    tensors as float32 (so a part loaded in bf16 on a GPU and in float32 on a CPU from a bf16 file agree)."""
+    """sha256 of a module's weights: every state-dict tensor in name order, name and shape included, those of its
+    :class:`~clearair.models.pretrained.Frozen` parts too (:func:`~clearair.models.pretrained.full_state_dict`),
+    floating tensors as float32 (so a part loaded in bf16 on a GPU and in float32 on a CPU from a bf16 file agree)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(full_state_dict(module).items()):
         t = tensor.detach().to("cpu")
         t = t.float() if t.is_floating_point() else t
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

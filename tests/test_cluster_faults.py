@@ -140,6 +140,7 @@ def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_p
 
 def train_on_cluster(address: str, root: Path, steps: int) -> None:
     """The driver of the training test: tiny shards, then a 2-worker ``fit_restorer`` on the cluster."""
+    from clearair.specs import NetworkSpec, OptimSpec, RestorerSpec
     from synth.config import validate_config
     from synth.read import shard_paths
     from synth.run import RunOptions, synthesize
@@ -153,8 +154,8 @@ def train_on_cluster(address: str, root: Path, steps: int) -> None:
     manifest = synthesize(cfg, RunOptions(ray_address=address, progress=False))
     data = TrainingData(shard_paths(cfg.out, "train"), shard_paths(cfg.out, "val"), sorted(manifest["counts"]["task"]))
     fit = Fit(steps=steps, global_batch=4, crop=32, val_every=VAL_EVERY, val_images=2, val_crop=64, workers=2)
-    module = {"arch": "restormer", "preset": "tiny", "loss": "l1", "lr": 2e-3, "max_steps": steps}  # no priors
-    result = fit_restorer("train", str(root / "ray"), module, data, fit.model_dump(), seed=1)
+    spec = RestorerSpec(NetworkSpec("restormer", preset="tiny"), OptimSpec(steps, lr=2e-3))  # l1, no priors
+    result = fit_restorer("train", str(root / "ray"), spec, data, fit.model_dump(), seed=1)
     (root / "result.json").write_text(json.dumps(asdict(result)))
 
 

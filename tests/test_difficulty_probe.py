@@ -12,9 +12,11 @@ import torch
 
 from clearair.data import TaskIndex, probe_quotas, probe_set, whole_images
 from clearair.data.probe import _probe_candidates
-from clearair.lightning import MAX_PSNR, RestorerModule
+from clearair.lightning import MAX_PSNR, build_restorer_module
 from clearair.metrics import psnr_torch
-from tests.test_lightning import synth_shards, synth_tasks  # noqa: F401  (a module fixture)
+from clearair.objectives import build_loss, negative_psnr
+from clearair.specs import LossSpec
+from tests.test_lightning import synth_shards, synth_tasks, tiny_spec  # noqa: F401  (a module fixture)
 
 CROP = 16
 
@@ -57,7 +59,7 @@ def test_a_probe_larger_than_every_image_is_refused(synth_shards):  # noqa: F811
 def test_ranks_measure_shares_that_add_up_to_the_whole_probe(synth_shards):  # noqa: F811
     tasks = synth_tasks(synth_shards)
     torch.manual_seed(0)
-    module = RestorerModule("restormer", preset="tiny", max_steps=1).eval()
+    module = build_restorer_module(tiny_spec()).eval()
     probe = probe_set(synth_shards, tasks, CROP, per_task=6, seed=0)
     module.set_probe(probe)
     whole, first, second = module.probe_sums(0, 1), module.probe_sums(0, 2), module.probe_sums(1, 2)
@@ -75,8 +77,7 @@ def test_a_negatives_psnr_is_its_crops_or_its_whole_images(source):
     gt = torch.rand(2, 3, 8, 8, generator=gen)
     medium = torch.stack([gt + 0.05 * torch.randn(gt.shape, generator=gen), gt], dim=1).clamp(0, 1)  # (2, 2, 3, 8, 8)
     batch = {"gt": gt, "medium": medium, "medium_psnr": torch.tensor([[20.0, 21.0], [22.0, 23.0]])}
-    module = RestorerModule("restormer", preset="tiny", max_steps=1, negative_psnr=source)
-    got = module.negative_psnr(batch)
+    got = negative_psnr(batch, source)
     if source == "image":
         assert torch.equal(got, batch["medium_psnr"])
     else:
@@ -84,4 +85,4 @@ def test_a_negatives_psnr_is_its_crops_or_its_whole_images(source):
         torch.testing.assert_close(got, expected.float())
         assert got[:, 1].tolist() == [MAX_PSNR, MAX_PSNR]  # a negative equal to its target: as easy as it gets
     with pytest.raises(ValueError, match="negative_psnr"):
-        RestorerModule("restormer", preset="tiny", max_steps=1, negative_psnr="tile")
+        build_loss(LossSpec(negative_psnr="tile"))

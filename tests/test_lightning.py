@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader
 
 from clearair.data import (
@@ -27,10 +29,17 @@ from clearair.data import (
     validation_loader,
     whole_images,
 )
-from clearair.lightning import AlignedRestore, PerceiverModule, RestorerModule
+from clearair.lightning import (
+    PerceiverModule,
+    RestorerModule,
+    build_restorer_module,
+    restorer_module_from_checkpoint,
+)
 from clearair.metrics import psnr
+from clearair.objectives import AlignedRestore, PixelObjective
 from clearair.priors import build_frozen_perceiver, build_priors, load_priors_from_batch
-from clearair.restorer import load_restorer
+from clearair.restorer import load_restorer, read_checkpoint
+from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
 from synth.imageio import encode_png
 from synth.read import ShardFormatError
 from tests.tiny import GUIDANCE_DINO, REGION_DINO
@@ -49,6 +58,13 @@ def quiet_lightning():
             message=".*(does not have many workers|IterableDataset|LeafSpec|log_every|in eval mode|no `val_data).*",
         )
         yield
+
+
+def tiny_spec(
+    arch: str = "restormer", optim: OptimSpec | None = None, config: dict | None = None, **fields
+) -> RestorerSpec:
+    """A restorer spec of the tiny ``arch`` preset (one step unless ``optim`` says); ``fields`` of RestorerSpec."""
+    return RestorerSpec(NetworkSpec(arch, config or {}, "tiny"), optim or OptimSpec(1), **fields)
 
 
 def trainer(root: Path, **kw) -> L.Trainer:
@@ -289,7 +305,8 @@ def test_l1_restorer_learns_and_its_checkpoint_loads_weights_only(synth_shards, 
     tasks = synth_tasks(synth_shards)
     fixed = next(iter(restoration_loader(synth_shards, 32, 4, tasks, shuffle=0)))
     torch.manual_seed(0)
-    module = RestorerModule("restormer", {}, "tiny", "l1", max_steps=30, lr=2e-3)
+    spec = tiny_spec(optim=OptimSpec(30, lr=2e-3))
+    module = build_restorer_module(spec)
 
     def fixed_loss() -> float:
         with torch.no_grad():
@@ -303,24 +320,51 @@ def test_l1_restorer_learns_and_its_checkpoint_loads_weights_only(synth_shards, 
     )  # whole images, padded
     assert fixed_loss() < 0.8 * before
     ckpt = torch.load(checkpoints.best_model_path, weights_only=True)
-    assert ckpt["hyper_parameters"]["arch"] == "restormer" and np.isfinite(ckpt["state_dict"]["probe_psnr"])
+    assert RestorerSpec.from_dict(ckpt["hyper_parameters"]) == spec and np.isfinite(ckpt["state_dict"]["probe_psnr"])
     restored = load_restorer(checkpoints.best_model_path, device="cpu").network
     torch.testing.assert_close(restored(fixed["lq"]), module.model.eval()(fixed["lq"]))
+    # a checkpoint of the former RestorerModule (flat keyword arguments as hyperparameters) still loads
+    ckpt["hyper_parameters"] = FLAT_HPARAMS
+    torch.save(ckpt, tmp_path / "flat.ckpt")
+    assert RestorerSpec.from_dict(FLAT_HPARAMS) == spec
+    torch.testing.assert_close(read_checkpoint(tmp_path / "flat.ckpt")[0](fixed["lq"]), restored(fixed["lq"]))
+    reloaded = restorer_module_from_checkpoint(tmp_path / "flat.ckpt")
+    torch.testing.assert_close(reloaded.model.eval()(fixed["lq"]), restored(fixed["lq"]))
+
+
+FLAT_HPARAMS = {  # what RestorerModule("restormer", {}, "tiny", "l1", max_steps=30, lr=2e-3) saved before the specs
+    "arch": "restormer", "model_config": {}, "preset": "tiny", "loss": "l1", "loss_weights": None, "priors": None,
+    "perceiver": None, "vgg": None, "max_steps": 30, "allow_random_frozen": False, "lr": 2e-3, "min_lr": 1e-6,
+    "weight_decay": 1e-4, "betas": (0.9, 0.999), "probe_every_epoch": True, "pixel_loss": "l1",
+    "clip_temperature": 1.0, "select_by": "task_mean", "con_labels": "family", "con_gather": True, "vgg_taps": None,
+    "vgg_layer_weights": None, "negative_psnr": "patch", "ema_decay": None,
+}  # fmt: skip
+
+
+def test_any_network_trains_with_the_parts_it_is_given(synth_shards, tmp_path):
+    """A plain ``nn.Conv2d`` (no priors, no ``arch``) with the pixel loss: trained and validated by Lightning."""
+    tasks = synth_tasks(synth_shards)
+    torch.manual_seed(0)
+    network = nn.Conv2d(3, 3, 3, padding=1)
+    start = network.weight.detach().clone()
+    module = RestorerModule(network, PixelObjective(), OptimSpec(max_steps=2, lr=1e-2))
+    fit = trainer(tmp_path, fast_dev_run=2)
+    fit.fit(module, restoration_loader(synth_shards, 32, 2, tasks), validation_loader(synth_shards[:1], tasks))
+    assert torch.isfinite(fit.callback_metrics["train/loss"]) and torch.isfinite(fit.callback_metrics["val/psnr"])
+    assert not torch.equal(network.weight, start)
+    assert set(module.state_dict()) == {"model.weight", "model.bias", "probe_psnr"}  # the loss holds no weights
 
 
 def test_perceive_ir_training_keeps_frozen_parts_out_of_checkpoints(tier_shards, tmp_path):
     tasks = TaskIndex(TASKS)
-    kwargs = dict(
-        model_config={},
-        preset="tiny",
-        loss="perceive_ir",
+    spec = tiny_spec(
+        "perceive_ir",
+        OptimSpec(4),
+        loss=LossSpec("perceive_ir", perceiver=TINY_PERCEIVER, vgg=None),
         priors={"kind": "dino", "source": TINY_DINO, "image_size": 28},
-        perceiver=TINY_PERCEIVER,
-        vgg=None,
         allow_random_frozen=True,
-        max_steps=4,
     )
-    module = RestorerModule("perceive_ir", **kwargs)
+    module = build_restorer_module(spec)
     train = restoration_loader(tier_shards, 32, 4, tasks, tiers=True, steps_per_epoch=2)
     val = validation_loader(tier_shards[:1], tasks, crop=32, limit=4, tiers=True)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -333,8 +377,10 @@ def test_perceive_ir_training_keeps_frozen_parts_out_of_checkpoints(tier_shards,
     ckpt = torch.load(checkpoints.last_model_path, weights_only=True)
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in module.model.state_dict()} | {"probe_psnr"}
     assert not any(k.startswith(("model.vgg", "model.dinov2", "model.clip")) for k in ckpt["state_dict"])
-    reloaded = RestorerModule.load_from_checkpoint(checkpoints.last_model_path)  # frozen parts rebuilt from sources
-    assert reloaded.negatives(next(iter(train)))[1] is not None and reloaded._probe_value == module.probe_psnr.item()
+    assert not module.priors.part.training and not module.loss.part.training  # Frozen: out of train mode
+    reloaded = restorer_module_from_checkpoint(checkpoints.last_model_path)  # frozen parts rebuilt from sources
+    negatives = reloaded.loss.part.negatives(next(iter(train)), reloaded._probe_value)
+    assert negatives[1] is not None and reloaded._probe_value == module.probe_psnr.item()
     batch = next(iter(val))
     with torch.no_grad():
         torch.testing.assert_close(
@@ -358,22 +404,15 @@ def test_clearair_restorer_trains_with_clue_reuse(tier_shards, tmp_path):
         "degradation": {"kind": "cfe_perceiver", "cfe": {"channels": [8, 8, 16, 16], "out_dim": 16}},
     }
     config = {"quality_dim": 64, "degradation_dim": 19, "n_regions": 4}
-    module = RestorerModule(
-        "clearair", config, "tiny", "clearair", priors=priors, allow_random_frozen=True, max_steps=2
+    spec = tiny_spec(
+        "clearair", OptimSpec(2), config, loss=LossSpec("clearair"), priors=priors, allow_random_frozen=True
     )
+    module = build_restorer_module(spec)
     fit = trainer(tmp_path, fast_dev_run=2)
     fit.fit(module, restoration_loader(tier_shards, 32, 2, TaskIndex(TASKS)))
     assert fit.callback_metrics["train/inter"] > 0 and torch.isfinite(fit.callback_metrics["train/loss"])
     with pytest.raises(ValueError, match="quality_dim"):
-        RestorerModule(
-            "clearair",
-            {**config, "quality_dim": 8},
-            "tiny",
-            "clearair",
-            priors=priors,
-            allow_random_frozen=True,
-            max_steps=2,
-        )
+        build_restorer_module(replace(spec, network=replace(spec.network, config={**config, "quality_dim": 8})))
 
 
 # --- perceiver ---------------------------------------------------------------------------------------------------
@@ -406,7 +445,7 @@ def test_val_psnr_is_the_task_mean_or_the_image_mean_as_asked(select_by):
     from clearair.metrics import psnr_torch
 
     torch.manual_seed(0)
-    module = RestorerModule("restormer", preset="tiny", max_steps=1, select_by=select_by)
+    module = build_restorer_module(tiny_spec(select_by=select_by))
     gen = torch.Generator().manual_seed(0)
     gt = torch.rand(4, 3, 16, 16, generator=gen)
     lq = gt + 0.2 * torch.rand(4, 3, 16, 16, generator=gen) * torch.tensor([0.1, 0.1, 0.1, 3.0])[:, None, None, None]
@@ -423,12 +462,12 @@ def test_val_psnr_is_the_task_mean_or_the_image_mean_as_asked(select_by):
     key = {"task_mean": "val/psnr_tasks", "image_mean": "val/psnr_images"}[select_by]
     assert metrics["val/psnr"] == metrics[key]
     with pytest.raises(ValueError, match="select_by"):
-        RestorerModule("restormer", preset="tiny", max_steps=1, select_by="median")
+        build_restorer_module(tiny_spec(select_by="median"))
 
 
 def test_weight_average_follows_its_warmed_up_decay():
     torch.manual_seed(0)
-    module = RestorerModule("restormer", preset="tiny", max_steps=1, ema_decay=0.5)
+    module = build_restorer_module(tiny_spec(optim=OptimSpec(1, ema_decay=0.5)))
     start = [p.detach().clone() for p in module.ema.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(start, module.model.parameters(), strict=True))
     expected = start
@@ -443,14 +482,15 @@ def test_weight_average_follows_its_warmed_up_decay():
         torch.testing.assert_close(got, want)
     assert int(module.ema_updates) == 3 and not any(p.requires_grad for p in module.ema.parameters())
     with pytest.raises(ValueError, match="ema_decay"):
-        RestorerModule("restormer", preset="tiny", max_steps=1, ema_decay=1.0)
+        build_restorer_module(tiny_spec(optim=OptimSpec(1, ema_decay=1.0)))
 
 
 def test_the_weight_average_is_updated_per_optimizer_step_validated_and_exported(synth_shards, tmp_path):
     tasks = synth_tasks(synth_shards)
     fixed = next(iter(restoration_loader(synth_shards, 32, 4, tasks, shuffle=0)))
     torch.manual_seed(0)
-    module = RestorerModule("restormer", {}, "tiny", "l1", max_steps=6, lr=2e-3, ema_decay=0.9)
+    spec = tiny_spec(optim=OptimSpec(6, lr=2e-3, ema_decay=0.9))
+    module = build_restorer_module(spec)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit = trainer(tmp_path, max_steps=6, callbacks=[checkpoints], accumulate_grad_batches=2, limit_val_batches=1)
     fit.fit(module, DataLoader([fixed] * 12, batch_size=None), validation_loader(synth_shards[:1], tasks))
@@ -463,5 +503,12 @@ def test_the_weight_average_is_updated_per_optimizer_step_validated_and_exported
     torch.testing.assert_close(restorer.network(fixed["lq"]), average)  # the average is what is exported
     with torch.no_grad():
         torch.testing.assert_close(module.restore(fixed["lq"], None), average)  # and what validation measures
-    resumed = RestorerModule.load_from_checkpoint(checkpoints.last_model_path)
+    resumed = restorer_module_from_checkpoint(checkpoints.last_model_path)
     assert int(resumed.ema_updates) == 6 and torch.equal(resumed.ema.eval()(fixed["lq"]), average)
+    # Lightning resumes a fresh module from the checkpoint as Ray Train's workers do (weights only)
+    again = build_restorer_module(replace(spec, optim=replace(spec.optim, max_steps=8)))
+    more = trainer(tmp_path, max_steps=8, accumulate_grad_batches=2, limit_val_batches=1)
+    batches = DataLoader([fixed] * 16, batch_size=None)
+    more.fit(again, batches, validation_loader(synth_shards[:1], tasks), ckpt_path=checkpoints.last_model_path,
+             weights_only=True)  # fmt: skip
+    assert more.global_step == 8 and int(again.ema_updates) == 8

@@ -12,23 +12,19 @@ from torch import nn
 
 from clearair.losses import (
     DPL_LAYER_WEIGHTS,
-    PERCEIVE_IR_TAPS,
-    RELEASE_TAPS,
     ClipAwareLoss,
     DifficultyAdaptivePerceptualLoss,
     LossWeights,
     PerceiveIRLoss,
-    VGGFeatures,
     cfe_infonce,
-    check_taps,
     clue_reuse_loss,
     difficulty_weights,
     negative_coverage,
     strong_photometric,
-    vgg16_layer_names,
 )
 from clearair.models.perceiver import PerceiverConfig, build_perceiver, fit_prompts
 from clearair.models.pretrained import MissingWeightsError, load_vgg16_features
+from clearair.models.vgg import PERCEIVE_IR_TAPS, RELEASE_TAPS, VGGFeatures, check_taps, vgg16_layer_names
 
 
 def _blocky(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -78,7 +74,7 @@ def test_clip_aware_loss_is_its_formula(trained_perceiver, temperature):
     images = _noisy(_blocky(4, seed=60), 0.2, seed=61)
     with torch.no_grad():
         cos = (trained_perceiver.encode_image(images) @ trained_perceiver.prompt_features().T).double()
-        t = 1.0 / trained_perceiver.clip.logit_scale.exp().item() if temperature is None else temperature
+        t = 1.0 / trained_perceiver.logit_scale.exp().item() if temperature is None else temperature
         p_excellent = torch.exp(cos[:, 2] / t) / torch.exp(cos / t).sum(dim=1)
         got = ClipAwareLoss(trained_perceiver, temperature)(images).item()
     assert got == pytest.approx(1.0 - p_excellent.mean().item(), abs=1e-6)
@@ -144,7 +140,7 @@ def test_vgg_taps(vgg):
 
 
 def test_vgg16_layer_names_without_building_it_match_the_network():
-    from clearair.losses import _vgg_layer_names
+    from clearair.models.vgg import _vgg_layer_names
 
     assert vgg16_layer_names() == _vgg_layer_names(load_vgg16_features(None))
     check_taps(PERCEIVE_IR_TAPS, DPL_LAYER_WEIGHTS)

@@ -13,14 +13,12 @@ from clearair.models.factory import count_parameters
 from clearair.models.guidance import CFE, PGM, FiLMGuidedLevel, SemanticGuidance
 from clearair.models.nafnet import GuidedNAFNet, GuidedNAFNetConfig, NAFNetConfig
 from clearair.models.perceive_ir import ETB, PerceiveIR, PerceiveIRConfig, PromptGuidedLevel
-from clearair.models.pretrained import load_dinov2
+from clearair.models.pretrained import Frozen, load_dinov2
 from clearair.models.restormer import Level
 from tests.tiny import GUIDANCE_DINO
 
 TINY_DINO = {**GUIDANCE_DINO, "image_size": 56}
 GUIDED = [PerceiveIR, GuidedNAFNet]
-
-
 
 
 def _tiny(model_cls):
@@ -64,8 +62,8 @@ def test_semantic_guidance_returns_frozen_cls_tokens_of_four_layers():
     assert priors["dino_cls"].shape == (3, 4, 32) and sgm.dim == 32
     assert not priors["dino_cls"].requires_grad
     assert not any(p.requires_grad for p in sgm.parameters())
-    sgm.train()
-    assert not sgm.dinov2.training
+    Frozen(sgm).train()  # how a trainer holds it
+    assert not sgm.training and not sgm.dinov2.training
     assert not torch.allclose(priors["dino_cls"][:, 0], priors["dino_cls"][:, 3])  # distinct layers
 
 

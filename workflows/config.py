@@ -148,7 +148,7 @@ class PerceptualConfig(Strict):
     """Perceive-IR's difficulty-adaptive perceptual loss: its VGG16 layers and how difficulty is measured."""
 
     taps: list[str] = Field(
-        ["relu1_2", "conv2_2", "relu3_1", "relu3_3"],  # = clearair.losses.PERCEIVE_IR_TAPS (tested)
+        ["relu1_2", "conv2_2", "relu3_1", "relu3_3"],  # = clearair.models.vgg.PERCEIVE_IR_TAPS (tested)
         description="VGG16 layers, shallow to deep: the authors' features[:16] at 3, 7, 11, 15.",
     )
     layer_weights: list[float] = Field([1 / 12, 1 / 6, 1 / 3, 1.0], description="One weight per tap.")
@@ -167,7 +167,7 @@ class PerceptualConfig(Strict):
 
     @model_validator(mode="after")
     def _taps(self) -> PerceptualConfig:
-        from clearair.losses import check_taps
+        from clearair.models.vgg import check_taps
 
         check_taps(self.taps, self.layer_weights)
         return self
@@ -307,58 +307,17 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _free_form_sections(self) -> PipelineConfig:
         """The sections pydantic sees only as dicts or names, checked against their real schemas before any stage
-        runs; every problem is listed at once."""
-        from clearair.losses import loss_weights
-        from clearair.models.factory import model_config
-        from clearair.priors import check_priors, perceiver_config
-        from synth.recipes import RecipeError, load_recipe
+        runs (:func:`workflows.free_form.problems`); every problem is listed at once."""
+        from workflows.free_form import problems  # brings torch: loaded when a config is checked, not on import
 
-        problems = []
-        for name, section in (("crossval", self.crossval), ("train", self.train)):
-            try:
-                model_config(section.model.arch, dict(section.model.config), section.model.preset)
-            except (ValueError, TypeError, KeyError) as err:
-                problems.append(f"{name}.model: {err}")
-            try:
-                loss_weights(section.loss, dict(section.loss_weights))
-            except ValueError as err:
-                problems.append(f"{name}.loss_weights: {err}")
-            try:
-                check_priors(dict(section.priors), f"{name}.priors", learned_perceiver=True)
-            except ValueError as err:
-                problems.append(str(err))
-        for i, spec in enumerate(self.crossval.models):
-            problems += _plain_restorer_problems(spec, f"crossval.models[{i}]")
-        try:
-            perceiver_config(dict(self.perceiver.perceiver))
-        except ValueError as err:
-            problems.append(f"perceiver.perceiver: {err}")
-        try:
-            load_recipe(self.synth.recipe)
-        except RecipeError as err:
-            problems.append(f"synth.recipe: {err}")
-        if problems:
-            raise ValueError("\n  ".join(problems))
+        found = problems(self)
+        if found:
+            raise ValueError("\n  ".join(found))
         return self
 
     def section_digest(self, stage: str) -> str:
         """sha256 of one stage's settings (plus the pipeline seed): part of that stage's cache key."""
         return config_digest({"seed": self.seed, stage: digest_dump(getattr(self, stage))})
-
-
-def _plain_restorer_problems(spec: ModelSpec, where: str) -> list[str]:
-    """What stops ``spec`` from being built and trained without priors (a further cross-validation restorer)."""
-    from clearair.models.factory import model_config, plain_architectures, required_priors
-
-    try:
-        model_config(spec.arch, dict(spec.config), spec.preset)
-    except (ValueError, TypeError, KeyError) as err:
-        return [f"{where}: {err}"]
-    needs = list(required_priors(spec.arch))
-    if not needs:
-        return []
-    valid = ", ".join(plain_architectures())
-    return [f"{where}: {spec.arch!r} needs priors {needs}; further fold restorers are trained without priors: {valid}"]
 
 
 def bundled_pipelines() -> list[str]:

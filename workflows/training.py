@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synth import storage
 from workflows.records import BatchPlan, FitResult, TrackingRef, TrainingData
+
+if TYPE_CHECKING:
+    from clearair.specs import RestorerSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class RestorerJob:
     """One restorer's Ray Train run as every worker receives it."""
 
     name: str  # the Ray Train run name, also the label of its progress lines
-    module_args: dict[str, Any]  # keyword arguments of clearair.lightning.RestorerModule, learning rate scaled
+    spec: RestorerSpec  # what every worker builds its module from (build_restorer_module), learning rate scaled
     data: TrainingData
     fit: dict[str, Any]  # a workflows.config.Fit as a dict
     seed: int
@@ -118,12 +121,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from clearair.lightning import RestorerModule
+    from clearair.lightning import build_restorer_module
 
     job: RestorerJob = config["job"]
     torch.manual_seed(job.seed)
     nodes = worker_nodes()
-    module = RestorerModule(**job.module_args)
+    module = build_restorer_module(job.spec)
     train, val = _loaders(job)
     if job.data.probe is not None:
         module.set_probe(job.data.probe)
@@ -182,7 +185,7 @@ def _trainer(job: RestorerJob, storage_path: str) -> Any:
 def fit_restorer(
     name: str,
     storage_path: str,
-    module: dict[str, Any],
+    spec: RestorerSpec,
     data: TrainingData,
     fit: dict[str, Any],
     seed: int,
@@ -196,7 +199,8 @@ def fit_restorer(
         storage_path: Ray Train ``storage_path``: a local or shared directory, or an ``s3://`` prefix (Ray Train
             writes checkpoints there through pyarrow, with the same AWS settings as ``synth.storage``); the best
             checkpoint is also published there as ``<name>-best.ckpt``.
-        module: keyword arguments of ``clearair.lightning.RestorerModule`` (plain types).
+        spec: the restorer, its loss, frozen parts and optimiser (``clearair.specs.RestorerSpec``); each worker
+            builds its module from it (``clearair.lightning.build_restorer_module``).
         data: the shards, tasks, resampling and difficulty probe (given to every worker's module).
         fit: a ``workflows.config.Fit`` as a dict.
         tracking: the MLflow run that rank 0 logs metrics to.
@@ -205,8 +209,8 @@ def fit_restorer(
     plan = batch_plan(fit["global_batch"], fit["workers"], fit["max_worker_batch"])
     if plan.note:
         log.warning("%s: %s", name, plan.note)
-    module = {**module, "lr": module["lr"] * plan.lr_scale}
-    result = _trainer(RestorerJob(name, module, data, fit, seed, plan, tracking, progress), storage_path).fit()
+    spec = replace(spec, optim=replace(spec.optim, lr=spec.optim.lr * plan.lr_scale))
+    result = _trainer(RestorerJob(name, spec, data, fit, seed, plan, tracking, progress), storage_path).fit()
     best, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val/psnr", float("-inf")))
     dest = storage.join(storage_path, f"{name}-best.ckpt")
     with best.as_directory() as d:

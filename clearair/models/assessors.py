@@ -34,12 +34,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class FrozenEmbedder(nn.Module):
-    """Base of the assessors: ``forward(images) -> (B, dim)``; always in eval mode, never trained."""
+    """Base of the assessors: ``forward(images) -> (B, dim)``; built frozen, never trained (a trainer holds them in
+    :class:`clearair.models.pretrained.Frozen`)."""
 
     dim: int
-
-    def train(self, mode: bool = True) -> FrozenEmbedder:
-        return super().train(False)
 
 
 def _check_images(images: Tensor) -> None:
@@ -78,7 +76,7 @@ class PerceiverAssessor(FrozenEmbedder):
         emb = self.perceiver.encode_image(images)  # (B, D), unit norm
         if not self.with_probabilities:
             return emb.float()
-        logits = self.perceiver.clip.logit_scale.exp() * emb @ self.perceiver.prompt_features().T  # (B, 3)
+        logits = self.perceiver.logit_scale.exp() * emb @ self.perceiver.prompt_features().T  # (B, 3)
         return torch.cat([emb, logits.softmax(dim=-1)], dim=-1).float()
 
 

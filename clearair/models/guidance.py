@@ -138,7 +138,8 @@ class SemanticGuidance(nn.Module):
     """Frozen DINOv2 semantic prior: ``{"dino_cls": (B, len(layers), D)}`` from ``(B, 3, H, W)`` images in [0, 1].
 
     Images are resized to ``image_size`` squared (bilinear, antialiased) and ImageNet-normalised. The wrapped
-    model is frozen and stays in eval mode; build it with :func:`clearair.models.pretrained.load_dinov2`.
+    model is frozen (eval mode, no gradients; a trainer holds it in :class:`clearair.models.pretrained.Frozen`,
+    which keeps it so); build it with :func:`clearair.models.pretrained.load_dinov2`.
     """
 
     def __init__(self, dinov2: nn.Module, layers: tuple[int, ...] = DINO_LAYERS, image_size: int = 224) -> None:
@@ -153,10 +154,6 @@ class SemanticGuidance(nn.Module):
     def dim(self) -> int:
         """Width of the CLS tokens (768 for DINOv2-base)."""
         return int(self.dinov2.config.hidden_size)
-
-    def train(self, mode: bool = True) -> SemanticGuidance:
-        """Frozen: stays in eval mode whatever a parent asks."""
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clearair.models.pretrained import MissingWeightsError, load_open_clip
+from clearair.models.pretrained import Frozen, MissingWeightsError, load_open_clip
 from clearair.optim import adamw_cosine
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,16 @@ class QualityPerceiver(nn.Module):
         if visual_size != cfg.image_size:
             raise ValueError(f"PerceiverConfig.image_size={cfg.image_size} but {cfg.clip_model} expects {visual_size}")
         self.cfg = cfg
-        self.clip = clip
+        self.clip = Frozen(clip)  # only the prompts train; the CLIP stays out of checkpoints
         self.prompt_learner = PromptLearner(clip, tokenizer, cfg.class_words, cfg.n_ctx, cfg.init_std)
         mean, std = clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> QualityPerceiver:
-        """Only the prompts change mode: the CLIP model stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's learned logit scale, as a log (``logit_scale.exp()`` multiplies the cosines)."""
+        return self.clip.part.logit_scale
 
     def encode_image(self, x: Tensor) -> Tensor:
         """L2-normalised CLIP image embeddings ``(B, D)``, differentiable w.r.t. ``x`` (B, 3, H, W) in [0, 1].
@@ -147,16 +146,16 @@ class QualityPerceiver(nn.Module):
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
-        return F.normalize(self.clip.encode_image(x), dim=-1)
+        return F.normalize(self.clip.part.encode_image(x), dim=-1)
 
     def prompt_features(self) -> Tensor:
         """L2-normalised prompt embeddings ``(3, D)``, one per tier."""
-        return F.normalize(self.prompt_learner(self.clip), dim=-1)
+        return F.normalize(self.prompt_learner(self.clip.part), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Tier logits ``(B, 3)``: CLIP's logit scale times image-prompt cosine similarity."""
         img = self.encode_image(x)  # (B, D)
-        return self.clip.logit_scale.exp() * img @ self.prompt_features().T
+        return self.logit_scale.exp() * img @ self.prompt_features().T
 
     def probabilities(self, x: Tensor) -> Tensor:
         """Tier probabilities ``(B, 3)``; index 2 is "high" (the "excellent" prompt)."""

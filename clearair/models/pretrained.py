@@ -49,6 +49,49 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+class Frozen(nn.Module):
+    """A frozen part inside a trainable module: in eval mode whatever ``.train()`` asks, gradients off, out of the
+    holder's ``parameters()`` (so of its optimiser and of DDP) and of its ``state_dict()`` (so of checkpoints), yet
+    moved by its ``.to(device)``, ``.half()``, ... Calling it calls the part, which is :attr:`part`.
+
+    The part sits outside the module tree (no registered child): :func:`full_state_dict` still names its weights,
+    as ``<name>.<key>``, for checksums.
+    """
+
+    part: nn.Module
+
+    def __init__(self, part: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "part", freeze(part))  # bypasses nn.Module's registration of children
+        self.training = False
+
+    def train(self, mode: bool = True) -> Frozen:
+        self.part.eval()
+        return super().train(False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Frozen:
+        if recurse:
+            self.part._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.part(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return type(self.part).__name__
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with the weights of every :class:`Frozen` part it holds, named as if the part were
+    a child where its wrapper is (``perceiver.clip.<key>``)."""
+    state = dict(module.state_dict())
+    for name, child in module.named_modules(remove_duplicate=False):
+        if isinstance(child, Frozen):
+            prefix = f"{name}." if name else ""
+            state.update({prefix + key: value for key, value in full_state_dict(child.part).items()})
+    return state
+
+
 def load_dinov2(source: str | dict[str, Any], seed: int = 0) -> nn.Module:
     """A frozen ``transformers`` DINOv2 model.
 

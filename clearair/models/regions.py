@@ -19,28 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clearair.models.guidance import IMAGENET_MEAN, IMAGENET_STD
 from clearair.models.pretrained import MissingWeightsError, freeze
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RegionSource(nn.Module):
     """Base class: ``source(images)`` with images ``(B, 3, H, W)`` in [0, 1] gives masks ``(B, n_regions, h, w)``.
 
-    Sources run without gradients and never train; subclasses implement :meth:`forward`.
+    Sources run without gradients and never train (their models are built frozen; a trainer holds them in
+    :class:`clearair.models.pretrained.Frozen`); subclasses implement :meth:`forward`.
     """
 
     n_regions: int
 
     def forward(self, images: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def train(self, mode: bool = True) -> RegionSource:
-        """Sources stay in eval mode: their models are frozen."""
-        return super().train(False)
 
 
 def _check_images(images: Tensor) -> None:

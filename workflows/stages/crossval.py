@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from synth import storage
@@ -42,6 +42,7 @@ from workflows.stages.common import ray_ready
 
 if TYPE_CHECKING:
     from clearair.restorer import Restorer
+    from clearair.specs import RestorerSpec
     from workflows.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class FoldJob:
     folds: int
     val: list[str]  # the validation shards every fold restorer is validated on
     tasks: list[str]
-    module_args: list[dict[str, Any]]  # RestorerModule keyword arguments per fold restorer: the model, then models
+    specs: list[RestorerSpec]  # every fold restorer: the model, then the models
     model_labels: list[str]  # their descriptions (model_label), the tier manifest's ``mediums``
     fit: dict[str, Any]  # crossval.fit as a dict
     seed: int  # the pipeline's; fold k trains with seed + k
@@ -115,37 +116,27 @@ def restore_fold(
     return records
 
 
-def restorer_module_args(cfg: PipelineConfig) -> dict[str, Any]:
+def fold_restorer_spec(cfg: PipelineConfig) -> RestorerSpec:
+    """The fold restorer ``crossval.model``: its loss without a perceiver or VGG16, its priors and schedule."""
+    from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
+
     cv = cfg.crossval
-    return {
-        "arch": cv.model.arch,
-        "model_config": dict(cv.model.config),
-        "preset": cv.model.preset,
-        "loss": cv.loss,
-        "pixel_loss": cv.pixel_loss,
-        "loss_weights": dict(cv.loss_weights),
-        "priors": dict(cv.priors),
-        "allow_random_frozen": cv.allow_random_frozen,
-        "perceiver": None,
-        "vgg": None,
-        "lr": cv.fit.lr,
-        "min_lr": cv.fit.min_lr,
-        "weight_decay": cv.fit.weight_decay,
-        "max_steps": cv.fit.steps,
-        "ema_decay": cv.fit.ema,
-        # as in 0.1.0, so the fold restorers (and cached tiers) stay as they were
-        "select_by": "image_mean",
-        "con_labels": "task",
-        "con_gather": False,
-    }
+    # con_labels, con_gather and select_by as in 0.1.0, so the fold restorers (and cached tiers) stay as they were
+    loss = LossSpec(cv.loss, dict(cv.loss_weights), cv.pixel_loss, con_labels="task", con_gather=False)
+    optim = OptimSpec(cv.fit.steps, cv.fit.lr, cv.fit.min_lr, cv.fit.weight_decay, ema_decay=cv.fit.ema)
+    network = NetworkSpec(cv.model.arch, dict(cv.model.config), cv.model.preset)
+    return RestorerSpec(network, optim, loss, dict(cv.priors), cv.allow_random_frozen, select_by="image_mean")
 
 
-def plain_module_args(cfg: PipelineConfig, spec: ModelSpec) -> dict[str, Any]:
-    """:func:`restorer_module_args` of a further fold restorer ``spec`` (``crossval.models``): a plain restorer
+def plain_restorer_spec(cfg: PipelineConfig, model: ModelSpec) -> RestorerSpec:
+    """:func:`fold_restorer_spec` of a further fold restorer ``model`` (``crossval.models``): a plain restorer
     trained with ``crossval.pixel_loss`` alone and no priors, on the same schedule."""
-    model = {"arch": spec.arch, "model_config": dict(spec.config), "preset": spec.preset}
-    plain = {"loss": "l1", "loss_weights": {}, "priors": {"kind": "none"}, "allow_random_frozen": False}
-    return {**restorer_module_args(cfg), **model, **plain}
+    from clearair.specs import NetworkSpec
+
+    base = fold_restorer_spec(cfg)
+    network = NetworkSpec(model.arch, dict(model.config), model.preset)
+    plain = replace(base.loss, name="l1", weights={})
+    return replace(base, network=network, loss=plain, priors={"kind": "none"}, allow_random_frozen=False)
 
 
 def model_label(spec: ModelSpec) -> str:
@@ -165,11 +156,11 @@ def fit_fold_restorers(fold: int, job: FoldJob, train: list[str], tracker: Track
     from workflows.training import fit_restorer
 
     data, ray, fits = TrainingData(train, job.val, job.tasks, resample=job.resample), storage.join(job.out, "ray"), []
-    for i, module in enumerate(job.module_args):
+    for i, spec in enumerate(job.specs):
         tags = {"clearair.fold": str(fold), "clearair.medium": job.model_labels[i]}
         rid = tracker.start_run(f"crossval-m{i}-fold{fold}", parent_run_id=run_id, tags=tags) if i else run_id
         seed, tracking = job.seed + fold, job.tracking.child(rid)
-        fits.append(fit_restorer(run_name(fold, i), ray, module, data, job.fit, seed, tracking, job.progress))
+        fits.append(fit_restorer(run_name(fold, i), ray, spec, data, job.fit, seed, tracking, job.progress))
         if i:
             tracker.end_run(rid, "FINISHED")
     return fits
@@ -304,7 +295,7 @@ def fold_job(cfg: PipelineConfig, ctx: RunContext, data: str, task_counts: dict[
         folds=cfg.synth.splits.folds,
         val=shard_paths(data, "val"),
         tasks=sorted(task_counts),
-        module_args=[restorer_module_args(cfg), *(plain_module_args(cfg, spec) for spec in cv.models)],
+        specs=[fold_restorer_spec(cfg), *(plain_restorer_spec(cfg, model) for model in cv.models)],
         model_labels=[model_label(spec) for spec in (cv.model, *cv.models)],
         fit=cv.fit.model_dump(),
         seed=cfg.seed,

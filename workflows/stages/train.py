@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synth import storage
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.records import FitResult, TrainingData
 from workflows.stages.common import ray_ready
+
+if TYPE_CHECKING:
+    from clearair.specs import RestorerSpec
 
 
 def learned_perceiver(inputs: dict[str, StageResult]) -> dict[str, Any]:
@@ -33,32 +36,29 @@ def resolved_priors(spec: dict[str, Any], inputs: dict[str, StageResult]) -> dic
     return spec
 
 
-def module_args(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> dict[str, Any]:
+def restorer_spec(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> RestorerSpec:
+    """The restorer ``train`` fits: its network, loss (with the learned perceiver for the CLIP-aware part), priors
+    and schedule."""
+    from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
+
     t = cfg.train
-    return {
-        "arch": t.model.arch,
-        "model_config": dict(t.model.config),
-        "preset": t.model.preset,
-        "loss": t.loss,
-        "pixel_loss": t.pixel_loss,
-        "loss_weights": dict(t.loss_weights),
-        "clip_temperature": t.clip_temperature,
-        "select_by": t.select_by,
-        "con_labels": t.con_labels,
-        "con_gather": t.con_gather,
-        "vgg_taps": tuple(t.perceptual.taps),
-        "vgg_layer_weights": tuple(t.perceptual.layer_weights),
-        "negative_psnr": t.perceptual.negative_psnr,
-        "priors": resolved_priors(t.priors, inputs),
-        "perceiver": learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
-        "vgg": t.vgg,
-        "allow_random_frozen": t.allow_random_frozen,
-        "lr": t.fit.lr,
-        "min_lr": t.fit.min_lr,
-        "weight_decay": t.fit.weight_decay,
-        "max_steps": t.fit.steps,
-        "ema_decay": t.fit.ema,
-    }
+    loss = LossSpec(
+        name=t.loss,
+        weights=dict(t.loss_weights),
+        pixel=t.pixel_loss,
+        clip_temperature=t.clip_temperature,
+        con_labels=t.con_labels,
+        con_gather=t.con_gather,
+        vgg_taps=tuple(t.perceptual.taps),
+        vgg_layer_weights=tuple(t.perceptual.layer_weights),
+        negative_psnr=t.perceptual.negative_psnr,
+        perceiver=learned_perceiver(inputs) if t.loss == "perceive_ir" else None,
+        vgg=t.vgg,
+    )
+    optim = OptimSpec(t.fit.steps, t.fit.lr, t.fit.min_lr, t.fit.weight_decay, ema_decay=t.fit.ema)
+    network = NetworkSpec(t.model.arch, dict(t.model.config), t.model.preset)
+    priors = resolved_priors(t.priors, inputs)
+    return RestorerSpec(network, optim, loss, priors, t.allow_random_frozen, select_by=t.select_by)
 
 
 def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> TrainingData:
@@ -94,7 +94,7 @@ def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> d
     return probe_set(val, TaskIndex(tasks), t.fit.crop, t.perceptual.probe_per_task, seed=cfg.seed)
 
 
-def export_restorer(cfg: PipelineConfig, ctx: RunContext, module: dict[str, Any], fit: FitResult) -> str:
+def export_restorer(cfg: PipelineConfig, ctx: RunContext, spec: RestorerSpec, fit: FitResult) -> str:
     """Export the best checkpoint (safetensors + config, with its priors, frozen parts, perceiver and how it was
     trained) into the stage's ``model``; returns that location."""
     from clearair.export import export_model
@@ -102,9 +102,9 @@ def export_restorer(cfg: PipelineConfig, ctx: RunContext, module: dict[str, Any]
 
     model, record = read_checkpoint(storage.local_copy(fit.checkpoint))
     extra = {
-        "priors": module["priors"],
+        "priors": spec.priors,
         "frozen": record["extra"]["frozen"],
-        "perceiver": module["perceiver"],
+        "perceiver": spec.loss.perceiver,
         "pipeline": cfg.name,
         "allow_random_frozen": cfg.train.allow_random_frozen,
         "trained": {"val_psnr": fit.val_psnr, "step": fit.step, "batch_plan": asdict(fit.batch_plan)},
@@ -127,11 +127,11 @@ def log_datasets(ctx: RunContext, inputs: dict[str, StageResult], tiers: bool) -
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
     from workflows.training import fit_restorer
 
-    module, data = module_args(cfg, inputs), training_data(cfg, inputs)
+    spec, data = restorer_spec(cfg, inputs), training_data(cfg, inputs)
     ray_ready(ctx)
     ray_storage, fit_cfg = storage.join(ctx.out, "ray"), cfg.train.fit.model_dump()
-    fit = fit_restorer("train", ray_storage, module, data, fit_cfg, cfg.seed, ctx.tracking(), progress=ctx.progress)
-    export = export_restorer(cfg, ctx, module, fit)
+    fit = fit_restorer("train", ray_storage, spec, data, fit_cfg, cfg.seed, ctx.tracking(), progress=ctx.progress)
+    export = export_restorer(cfg, ctx, spec, fit)
     log_datasets(ctx, inputs, data.tiers)
     version = ctx.tracker.register_model(
         ctx.run_id, storage.local_tree(export), cfg.tracking.registered_model, cfg.tracking.alias
