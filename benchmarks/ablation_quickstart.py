@@ -122,7 +122,7 @@ def main() -> None:
     from workflows.config import load_pipeline
     from workflows.context import Workdir
     from workflows.pipeline import stage_keys
-    from workflows.stages.train import learned_perceiver
+    from workflows.stages.common import learned_perceiver
 
     torch.set_num_threads(2)
     keys = stage_keys(load_pipeline("quickstart"))

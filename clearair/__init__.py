@@ -4,8 +4,7 @@ Imports only torch (and transformers / open_clip where a part needs them): never
 ``models:/`` source is loaded). ``clearair.load_restorer`` is the one way to load a trained restorer.
 """
 
-__version__ = "0.2.0.dev0"
-
-from clearair.restorer import Restorer, RestorerLoadError, load_restorer  # noqa: E402  (after __version__)
+from clearair.restorer import Restorer, RestorerLoadError, load_restorer
+from clearair.version import __version__
 
 __all__ = ["Restorer", "RestorerLoadError", "__version__", "load_restorer"]

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import clearair
 from clearair.models.factory import build_model, config_to_dict
+from clearair.version import __version__
 from synth import storage
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,6 @@ def bundle_parts(spec: Any, out: Path, path: str = "") -> Any:
 
 
 def _copy_part(location: str, out: Path, name: str) -> str:
-    import shutil
 
     if storage.is_file(location):
         rel = f"{PARTS_DIR}/{name}{Path(location).suffix}"
@@ -194,7 +194,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "config": cfg,
-        "clearair_version": clearair.__version__,
+        "clearair_version": __version__,
         "weights_sha256": storage.sha256(weights),
         "extra": extra,
     }

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,6 @@ def restore_image(
 
 def save_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     """Write (H, W, 3) uint8 RGB (or float in [0, 1], rounded) atomically; format from the file suffix."""
-    from PIL import Image
 
     path = Path(path)
     data = np.asarray(arr)

@@ -27,9 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clearair.export import load_model
+from clearair.models.assessors import (
+    DaClipEmbedder,
+    DegradationEmbedder,
+    MLLMAssessor,
+    PerceiverAssessor,
+    compute_clearair_priors,
+)
 from clearair.models.guidance import CFE, DINO_LAYERS, SemanticGuidance
 from clearair.models.perceiver import PerceiverConfig, QualityPerceiver, build_perceiver
 from clearair.models.pretrained import freeze, load_dinov2, load_vgg16_features, seeded_init
+from clearair.models.regions import DinoClusterRegions, Sam2Regions
+from clearair.models.vgg import PERCEIVE_IR_TAPS, VGGFeatures
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +153,6 @@ class ClearAIRPriors(PriorProvider):
         self.dims = {"quality_dim": assessor.dim, "degradation_dim": degrader.dim, "n_regions": regions.n_regions}
 
     def compute(self, lq: Tensor) -> dict[str, Tensor]:
-        from clearair.models.assessors import compute_clearair_priors
 
         return compute_clearair_priors(lq, self.assessor, self.regions, self.degrader)
 
@@ -233,7 +242,6 @@ def build_vgg_features(
     """Frozen :class:`clearair.models.vgg.VGGFeatures` at ``taps`` (None: the Perceive-IR authors') from a source
     (``"torchvision"`` or a file), a dict ``{"source", "seed"}``, or None (random weights, only with
     ``allow_random``)."""
-    from clearair.models.vgg import PERCEIVE_IR_TAPS, VGGFeatures
 
     taps = tuple(taps or PERCEIVE_IR_TAPS)
     spec = _fields(spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "seed": 0})
@@ -267,7 +275,6 @@ def build_priors(spec: dict[str, Any] | None, allow_random: bool = False) -> Pri
 
 
 def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
-    from clearair.models.assessors import MLLMAssessor, PerceiverAssessor
 
     if _kind(spec, "assessor", ("perceiver", "mllm")) == "perceiver":
         spec = _fields(spec, "assessor (perceiver)", *PERCEIVER_ASSESSOR_SPEC)
@@ -278,7 +285,6 @@ def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
 
 
 def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
-    from clearair.models.regions import DinoClusterRegions, Sam2Regions
 
     if _kind(spec, "regions", ("dino_cluster", "sam2")) == "dino_cluster":
         spec = _fields(spec, "regions (dino_cluster)", *DINO_CLUSTER_SPEC)
@@ -289,7 +295,6 @@ def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
 
 
 def _degrader(spec: dict[str, Any], allow_random: bool, assessor_perceiver: nn.Module | None) -> nn.Module:
-    from clearair.models.assessors import DaClipEmbedder, DegradationEmbedder
 
     if _kind(spec, "degradation", ("cfe_perceiver", "daclip")) == "daclip":
         spec = _fields(spec, "degradation (daclip)", *DACLIP_SPEC)
@@ -311,7 +316,6 @@ def _cfe(source: str | dict[str, Any], allow_random: bool, seed: int) -> nn.Modu
         spec = _fields(source, "cfe", (), {"channels": (32, 64, 96, 128), "out_dim": 128})
         with seeded_init(seed):
             return freeze(CFE(tuple(spec["channels"]), spec["out_dim"]))
-    from clearair.export import load_model
 
     model = load_model(source)
     if not isinstance(getattr(model, "cfe", None), nn.Module):

@@ -28,16 +28,31 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from clearair.export import (
+    CONFIG_NAME,
+    MODEL_FORMAT,
+    ExportFormatError,
+    check_state_dict,
+    load_model,
+    read_export_config,
+    resolve_parts,
+)
 from clearair.inference import plan_tile, restore_image
-from clearair.models.pretrained import full_state_dict
+from clearair.models.factory import build_model
+from clearair.models.pretrained import MissingWeightsError, full_state_dict
+from clearair.priors import build_priors
+from synth import storage
+from synth.imageio import pil_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +151,6 @@ def _as_batch(image: Any) -> tuple[Tensor, Any]:
     if not isinstance(image, np.ndarray):  # a PIL image
         if not hasattr(image, "mode"):
             raise TypeError(f"cannot restore a {type(image).__name__}: give a numpy array, a PIL image or a tensor")
-        from PIL import Image
-
-        from synth.imageio import pil_to_rgb
 
         x, back = _as_batch(pil_to_rgb(image)[0])
         return x, lambda y: Image.fromarray(back(y))
@@ -241,8 +253,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     """The network of a RestorerModule checkpoint (``weights_only=True``; its weight average when it kept one) and
     its record: ``arch``, ``config``, ``extra`` (``priors``, ``allow_random_frozen``, ``frozen``), in the shape an
     export's config.json has."""
-    from clearair.export import check_state_dict
-    from clearair.models.factory import build_model
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -271,7 +281,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
 
 def _local_source(source: str, tracking_uri: str | None) -> Path:
     """A local file or directory for ``source``: object stores and MLflow registries are downloaded first."""
-    from synth import storage
 
     if source.startswith(("models:/", "runs:/")):
         return _mlflow_export(source, tracking_uri)
@@ -289,7 +298,6 @@ def _local_source(source: str, tracking_uri: str | None) -> Path:
 def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
     """Download a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or a logged one and return
     the export directory inside it."""
-    import tempfile
 
     import mlflow.artifacts
     from mlflow import MlflowClient
@@ -319,7 +327,6 @@ def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
 
 def find_export(root: Path, source: str) -> Path:
     """The one ClearAIR export directory at or under ``root`` (a logged MLflow model keeps it in artifacts/)."""
-    from clearair.export import CONFIG_NAME, MODEL_FORMAT
 
     candidates = [root] if (root / CONFIG_NAME).is_file() else []
     candidates += sorted(p.parent for p in root.glob(f"artifacts/*/{CONFIG_NAME}"))
@@ -333,7 +340,6 @@ def find_export(root: Path, source: str) -> Path:
 
 
 def _network_and_record(path: Path, source: str) -> tuple[nn.Module, dict[str, Any]]:
-    from clearair.export import ExportFormatError, load_model, read_export_config, resolve_parts
 
     if path.is_file() and path.name != "config.json":
         return read_checkpoint(path)
@@ -350,8 +356,6 @@ def _network_and_record(path: Path, source: str) -> tuple[nn.Module, dict[str, A
 
 def build_frozen(extra: dict[str, Any], source: str, check: bool = True) -> nn.Module | None:
     """The prior provider an export or checkpoint record names, checked against its recorded sums."""
-    from clearair.models.pretrained import MissingWeightsError
-    from clearair.priors import build_priors
 
     spec = extra.get("priors") or {"kind": "none"}
     try:

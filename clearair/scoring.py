@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clearair.models.perceiver import TIERS, QualityPerceiver
+from synth.read import to_tensor
 
 HIGH = TIERS.index("high")
 MAX_GRID = 4  # at most MAX_GRID x MAX_GRID crops per image
@@ -42,7 +43,6 @@ def grid_crops(img: np.ndarray, crop: int, max_grid: int = MAX_GRID) -> list[np.
 def grid_probabilities(perceiver: QualityPerceiver, img: np.ndarray, crop: int | None) -> np.ndarray:
     """Tier probabilities ``(3,)`` of an ``(H, W, 3)`` uint8 image: the mean over its crop grid, or of the whole
     image resized to CLIP's input when ``crop`` is None."""
-    from synth.read import to_tensor
 
     crops = [img] if crop is None else grid_crops(img, crop)  # all of one size
     batch = torch.stack([to_tensor(np.ascontiguousarray(c)) for c in crops]).to(perceiver.mean.device)

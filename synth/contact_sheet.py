@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from synth import storage
 from synth.figures import labelled_grid, png_bytes, thumb
-from synth.read import iter_shard
+from synth.read import ensure_lq, iter_shard
+from synth.recipes import Recipe
 
 THUMB = 128
 
 
 def first_per_task(out: str, manifest: dict, recipe=None) -> dict[str, dict]:
     """The first stored sample of every task (on-the-fly samples are degraded at epoch 0)."""
-    from synth.read import ensure_lq
 
     tasks = set(manifest["counts"]["task"])
     found: dict[str, dict] = {}
@@ -27,7 +27,6 @@ def first_per_task(out: str, manifest: dict, recipe=None) -> dict[str, dict]:
 
 def write_contact_sheet(out: str, manifest: dict) -> str | None:
     """Write ``out/contact_sheet.png`` (rows: task; columns: label, LQ, GT); None for an empty dataset."""
-    from synth.recipes import Recipe
 
     recipe = Recipe.model_validate(manifest["recipe"])
     samples = first_per_task(out, manifest, recipe)

@@ -11,11 +11,14 @@ import logging
 import os
 from collections.abc import Iterator
 
+from tqdm import tqdm
+
 from synth.config import SynthConfig
 from synth.errors import SynthError
 from synth.plan import ShardSpec
 from synth.portable import portable_cpu_env
 from synth.recipes import Recipe
+from synth.writer import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ def pin_threads() -> None:
 def _write_shard_task(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: str) -> dict:
     import ray
 
-    from synth.writer import write_shard
-
     pin_threads()
     return write_shard(spec, cfg, recipe, out, {"node": ray.get_runtime_context().get_node_id()})
 
@@ -76,7 +77,6 @@ def _write_shard_task(spec: ShardSpec, cfg: SynthConfig, recipe: Recipe, out: st
 def run_shards(pending: list[ShardSpec], cfg: SynthConfig, recipe: Recipe, out: str, options) -> Iterator[dict]:
     """Yield each shard's state record as it completes; raise SynthError on the first filesystem error."""
     import ray
-    from tqdm import tqdm
 
     ensure_ray(options.ray_address, options.num_workers, options.worker_output)
     task = ray.remote(num_cpus=1, max_retries=3)(_write_shard_task)

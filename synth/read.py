@@ -33,6 +33,7 @@ import numpy as np
 from synth import storage
 from synth.degradations import Context, apply_steps
 from synth.imageio import BadImage, decode_png
+from synth.writer import degrade_clean
 
 SAFE_SUFFIXES = ("gt.png", "lq.png", "json", "depth.npy")
 _CHUNK = 1 << 20
@@ -224,7 +225,6 @@ def ensure_lq(sample: dict[str, Any], recipe, epoch: int) -> dict[str, Any]:
         return sample
     if recipe is None:
         raise ValueError(f"{where(sample)} is synthesised on the fly: pass the recipe to the reader")
-    from synth.writer import degrade_clean
 
     sample["lq"], sample["degradations"] = degrade_clean(
         sample["gt"], meta["task"], recipe, meta["seed"], meta["key"], meta["variant"], sample.get("depth"), epoch

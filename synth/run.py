@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from synth import storage
 from synth.config import SynthConfig
+from synth.contact_sheet import write_contact_sheet
+from synth.distribute import run_shards
 from synth.errors import SynthError
 from synth.plan import ShardSpec, expand, make_shards
 from synth.recipes import Recipe, load_recipe
@@ -162,12 +164,9 @@ def _synthesize(cfg: SynthConfig, recipe: Recipe, out: str, options: RunOptions)
     pending, skipped = plan(cfg, recipe, out, states, options.progress)
     log.info("%d shards done, %d to write", len(states), len(pending))
     if pending:
-        from synth.distribute import run_shards
-
         for state in run_shards(pending, cfg, recipe, out, options):
             states[state["name"].removesuffix(".tar")] = state
     manifest = build_manifest(cfg, recipe, states, skipped)
-    from synth.contact_sheet import write_contact_sheet
 
     write_contact_sheet(out, manifest)
     storage.write_json(storage.join(out, "manifest.json"), manifest)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from synth import storage
 from synth.config import DemoConfig, SourceSpec
@@ -208,7 +209,6 @@ def _clean_files(root: Path, consumed: set[Path], skipped: list[dict[str, str]])
 
 
 def _hash_all(paths: list[Path], progress: bool = False, name: str = "") -> dict[Path, str]:
-    from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         hashed = pool.map(storage.sha256, paths)

@@ -152,3 +152,104 @@ def test_synth_imports_neither_the_model_library_nor_the_workflows() -> None:
     code = "import clearair, clearair.models.factory, sys; print('workflows' in {n.split('.')[0] for n in sys.modules})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+# Imports sit at a module's top, with one exception, for start-up time: a heavy library (Torch, Ray, MLflow,
+# Lightning, transformers, open_clip, ...) may be imported inside the function that needs it, so a Ray worker that
+# runs a task does not load what the task never uses. The light modules below (the CLI's entry points, the records
+# and contexts the driver passes around, the Ray Train loop, synthesis) must not load Torch on import, so that
+# `clearair --help` and a synthesis worker start fast: they alone may import our own model library lazily too.
+HEAVY = {"torch", "torchvision", "ray", "lightning", "mlflow", "transformers", "open_clip", "huggingface_hub",
+         "safetensors", "albumentations", "cv2", "skimage", "scipy", "pyarrow", "webdataset"}  # fmt: skip
+LIGHT = ("synth", "workflows.cli", "workflows.commands", "workflows.context", "workflows.faults",
+         "workflows.records", "workflows.stages.common", "workflows.training")  # fmt: skip
+# Our modules that bring a heavy library of their own (MLflow, Lightning, albumentations): lazy anywhere.
+HEAVY_OURS = ("workflows.tracking", "workflows.progress", "clearair.lightning", "synth.degradations.albu")
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _lazy_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import inside a function of ``path``."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    found += [(node.lineno, name) for name in _imported(node)]
+    return sorted(set(found))
+
+
+def test_imports_sit_at_the_top_except_heavy_libraries() -> None:
+    """A light module may import any of ours lazily (synthesis modules bring NumPy, which the CLI pins first)."""
+    misplaced = [
+        f"{path.relative_to(REPO)}:{line} {name}"
+        for layer in ("synth", "clearair", "workflows")
+        for path in sorted((REPO / layer).rglob("*.py"))
+        for line, name in _lazy_imports(path)
+        if name.split(".")[0] not in HEAVY
+        and not _within(name, HEAVY_OURS)
+        and not (_within(_module(path), LIGHT) and _within(name, ("clearair", "synth", "workflows")))
+    ]
+    assert not misplaced, "\n".join(misplaced)
+
+
+def test_the_light_modules_load_no_torch() -> None:
+    """What `clearair --help`, the driver's records and a synthesis worker import stays free of Torch."""
+    import subprocess
+
+    light = sorted(
+        m for layer in ("synth", "workflows") for p in (REPO / layer).rglob("*.py")
+        if _within(m := _module(p), LIGHT) and not _within(m, ("synth.degradations.albu",))
+    )  # fmt: skip
+    code = (
+        "import importlib, sys\n"
+        f"for m in {light!r}: importlib.import_module(m)\n"
+        "from workflows.cli import build_parser; build_parser()\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'clearair', 'ray', 'mlflow', 'lightning'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _top_level_graph() -> dict[str, set[str]]:
+    """Our module -> our modules it imports when it is imported (module body, outside ``if TYPE_CHECKING``)."""
+    modules = {_module(p): p for layer in ("synth", "clearair", "workflows") for p in (REPO / layer).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                submodules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets = submodules or [node.module]  # `from package import module` needs the module only
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph, state, cycles = _top_level_graph(), {}, []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(trail[trail.index(nxt) :] + [module, nxt]))
+            elif nxt not in state:
+                visit(nxt, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert len(graph) > 50 and not cycles, cycles

@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Any
 
+from synth.portable import use_portable_cpu
 from workflows.commands.images import add_restore_parser, add_score_parser, cmd_restore, cmd_score
 from workflows.commands.pretrain_clip import add_pretrain_clip_parser, cmd_pretrain_clip
 from workflows.commands.run import add_doctor_parser, add_run_parser, cmd_doctor, cmd_run
@@ -13,12 +14,23 @@ from workflows.commands.synth import add_synth_parser, cmd_synth
 from workflows.commands.workdir import add_workdir_parser, cmd_workdir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from workflows.provenance import version_line
+class _Version(argparse.Action):
+    """``--version``: the version and commit, looked up only when asked (finding them loads the model library)."""
 
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from workflows.provenance import version_line
+
+        print(version_line())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clearair", description=__doc__)
     _add_verbosity(parser, False)
-    parser.add_argument("--version", action="version", version=version_line(), help="print version and commit")
+    parser.add_argument("--version", action=_Version, help="print version and commit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_synth_parser,
@@ -59,8 +71,6 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synth.portable import use_portable_cpu
-
     use_portable_cpu()  # before NumPy, OpenCV or Torch loads: the same kernels, so the same figures, on every machine
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from clearair.losses import loss_weights
+from clearair.models.vgg import check_taps
 from synth.config import (
     ConfigError,
     SynthParams,
@@ -23,6 +25,7 @@ from synth.config import (
     format_validation_error,
     set_dotted,
 )
+from workflows.free_form import problems
 
 STAGES = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
 
@@ -167,7 +170,6 @@ class PerceptualConfig(Strict):
 
     @model_validator(mode="after")
     def _taps(self) -> PerceptualConfig:
-        from clearair.models.vgg import check_taps
 
         check_taps(self.taps, self.layer_weights)
         return self
@@ -222,7 +224,6 @@ class TrainConfig(Strict):
 
     def inert_fields(self) -> set[str]:
         """Fields with no effect on this config's training (kept out of its cache key)."""
-        from clearair.losses import loss_weights
 
         weights = loss_weights(self.loss, dict(self.loss_weights)) if self.loss == "perceive_ir" else None
         inert = set() if weights is not None and weights.clip != 0 else {"clip_temperature"}
@@ -308,7 +309,6 @@ class PipelineConfig(Strict):
     def _free_form_sections(self) -> PipelineConfig:
         """The sections pydantic sees only as dicts or names, checked against their real schemas before any stage
         runs (:func:`workflows.free_form.problems`); every problem is listed at once."""
-        from workflows.free_form import problems  # brings torch: loaded when a config is checked, not on import
 
         found = problems(self)
         if found:

@@ -11,7 +11,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from clearair.models import pretrained
+from synth import storage
 from workflows.config import PipelineConfig
+from workflows.evaluation import benchmark_items
+from workflows.stages.perceiver import perceiver_config
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,6 @@ def _needed(only: set[str] | None, stages: tuple[str, ...]) -> bool:
 
 def weight_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
     """Load every pretrained part the pipeline names (those the stages in ``only`` need, when given)."""
-    from clearair.models import pretrained
-    from workflows.stages.perceiver import perceiver_config
 
     checks = []
     p = perceiver_config(cfg)
@@ -61,7 +63,6 @@ def weight_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Che
 
 def dataset_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
     """Every source folder and benchmark the pipeline names (those the stages in ``only`` need, when given)."""
-    from workflows.evaluation import benchmark_items
 
     checks = []
     for i, src in enumerate(cfg.synth.sources if _needed(only, ("synth",)) else []):
@@ -85,7 +86,6 @@ def preflight(cfg: PipelineConfig, stages: set[str]) -> list[Check]:
 
 def storage_check(workdir: str) -> Check:
     """An object-store workdir: can this machine write and read back an object there (bucket, credentials)?"""
-    from synth import storage
 
     def probe() -> str:
         path = storage.join(workdir, ".doctor-probe")
@@ -113,7 +113,6 @@ def disk_check(cfg: PipelineConfig, workdir: Path) -> Check:
 
 
 def diagnose(cfg: PipelineConfig, workdir: str, tracking_uri: str | None, ray_address: str | None) -> list[Check]:
-    from synth import storage
     from workflows.tracking import check_tracking, default_tracking_uri
 
     checks = weight_checks(cfg) + dataset_checks(cfg)

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from clearair.metrics import mod_crop as crop
+from clearair.metrics import psnr, ssim
+from clearair.restorer import load_restorer
+from synth.config import SourceSpec
+from synth.degradations import degrade
+from synth.figures import centre_crop, labelled_grid, png_bytes
+from synth.imageio import load_rgb
+from synth.read import iter_shard
+from synth.sources import discover_folder
 from workflows.config import EvaluateConfig
 
 METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
@@ -65,8 +75,6 @@ def protocol_for(evaluate: EvaluateConfig) -> Protocol:
 
 def benchmark_items(bench: dict[str, Any]) -> list:
     """Source items of a benchmark folder: pairs, or clean images when ``noise_sigma`` is set."""
-    from synth.config import SourceSpec
-    from synth.sources import discover_folder
 
     skipped: list[dict] = []
     try:
@@ -90,9 +98,6 @@ def _benchmark_pairs(
     bench: dict[str, Any], seed: int, mod_crop: int | None = None
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """(name, task, lq, gt) per image; clean images get seeded noise after the mod-crop, as PromptIR adds it."""
-    from clearair.metrics import mod_crop as crop
-    from synth.degradations import degrade
-    from synth.imageio import load_rgb
 
     for item in benchmark_items(bench):
         gt, _ = load_rgb(item.gt)
@@ -109,8 +114,6 @@ def _benchmark_pairs(
 
 
 def _shard_pairs(urls: list[str], mod_crop: int | None = None) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    from clearair.metrics import mod_crop as crop
-    from synth.read import iter_shard
 
     for url in urls:
         for s in iter_shard(url):
@@ -119,7 +122,6 @@ def _shard_pairs(urls: list[str], mod_crop: int | None = None) -> Iterator[tuple
 
 
 def _scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    from clearair.metrics import psnr, ssim
 
     return {
         "psnr_rgb": psnr(pred, gt),
@@ -141,9 +143,6 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Per-image rows, per-(set, task) summaries with the input's scores beside, flat metrics, example images and
     the protocol's description; ``progress``: a bar per set on stderr."""
-    from tqdm import tqdm
-
-    from clearair.restorer import load_restorer
 
     restorer = load_restorer(model_dir, device=device, precision="fp32")  # metrics in float32 on any device
     sources = {name: _shard_pairs(urls, protocol.mod_crop) for name, urls in sets.items()}
@@ -273,7 +272,6 @@ def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
 
 def write_figure(results: dict[str, Any], path: Path, crop: int) -> Path | None:
     """One row per (set, task): input | restored | target centre crops, columns titled."""
-    from synth.figures import centre_crop, labelled_grid, png_bytes
 
     if not results["examples"]:
         return None

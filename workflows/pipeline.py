@@ -14,11 +14,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from clearair.data import resampled_shares
 from synth import storage
 from workflows.config import STAGES, PipelineConfig, config_digest
 from workflows.context import RunContext, StageResult, StaleOutput, Workdir
+from workflows.faults import storage_fault
 from workflows.provenance import stamp
 from workflows.stages import crossval, evaluate, perceiver, priors, synth, train
+from workflows.stages.priors import skip_reason
 
 log = logging.getLogger(__name__)
 WORKDIR_TAG = "clearair.workdir"  # on every run of an invocation: its workdir, to find runs a killed one left
@@ -94,7 +97,6 @@ def resources(cfg: PipelineConfig, stage: str, train_counts: dict[str, int] | No
             return line
         if not train_counts:
             return f"{line}; resample {resample} (shares once synth is cached)"
-        from clearair.data import resampled_shares
 
         shares, epoch = resampled_shares(train_counts, resample)
         parts = ", ".join(f"{t} {100 * v:.0f}%" for t, v in shares.items())
@@ -104,8 +106,6 @@ def resources(cfg: PipelineConfig, stage: str, train_counts: dict[str, int] | No
     if stage == "perceiver":
         return f"1 task ({'1 GPU' if cfg.perceiver.use_gpu else '1 CPU'}), {cfg.perceiver.steps} steps"
     if stage == "priors":
-        from workflows.stages.priors import skip_reason
-
         reason = skip_reason(cfg)
         if reason:
             return f"nothing to precompute: {reason}"
@@ -219,7 +219,6 @@ def _end_failed(tracker, run_id: str) -> None:
     """Mark a run FAILED if the store still takes writes; when it does not (a full disk), the original error is
     the one to report (MLflow's own traceback of the failed write is held back) and the next run on the workdir
     marks the run KILLED."""
-    from workflows.faults import storage_fault
 
     store_log = logging.getLogger("mlflow.store.db.utils")  # logs each failed write with its traceback
     level = store_log.level

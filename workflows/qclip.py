@@ -39,6 +39,7 @@ from synth import storage
 from synth.config import DemoConfig
 from synth.degradations import PHYSICAL_ORDER, SEVERITIES, Context, apply_steps
 from synth.imageio import fit_long_side, load_rgb
+from synth.read import to_tensor
 from synth.sources import demo_photo_splits
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def draw_sample(
 def _batch(photos, caps, cfg: PretrainConfig, stream: int, start: int, size: int):
     import torch
 
-    from synth.read import to_tensor
-
     samples = [draw_sample(photos, caps, cfg, stream, start + i) for i in range(size)]
     images = torch.stack([to_tensor(img) for img, _ in samples])
     return images, torch.tensor([c for _, c in samples])
@@ -242,7 +241,7 @@ def evaluate(model, tokens, caps: list[Caption], cfg: PretrainConfig, arch: dict
     with torch.no_grad():
         txt = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
         images, labels = _batch(photos, caps, cfg, 1, 0, cfg.eval_samples)
-        pred = (torch.nn.functional.normalize(model.encode_image((_fit(images, arch) - mean) / std), -1) @ txt.T)
+        pred = torch.nn.functional.normalize(model.encode_image((_fit(images, arch) - mean) / std), -1) @ txt.T
         pred = pred.argmax(-1)
     kinds = [c.kind for c in caps]
     same_kind = [kinds[p] == kinds[t] for p, t in zip(pred.tolist(), labels.tolist(), strict=True)]

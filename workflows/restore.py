@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from synth.imageio import IMAGE_EXTENSIONS
+from clearair.inference import save_image
+from clearair.models.perceiver import TIERS, build_perceiver
+from clearair.models.pretrained import MissingWeightsError
+from clearair.priors import perceiver_config
+from clearair.restorer import RestorerLoadError, load_restorer, resolve_device
+from clearair.scoring import grid_probabilities, quality_score
+from synth import storage
+from synth.imageio import IMAGE_EXTENSIONS, BadImage, load_rgb
 
 
 class RestoreError(RuntimeError):
@@ -67,8 +76,6 @@ def plan_outputs(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]]
 
 def check_out_folder(out: Path) -> None:
     """Create ``out`` and prove a file can be written there, or raise :class:`RestoreError` saying why."""
-    import errno
-    import os
 
     reasons = {
         errno.ENOTDIR: "a file is in the way (a path component is not a folder)",
@@ -112,9 +119,6 @@ def restore_paths(
     the others: it is listed in the report's ``failed``. Each output is written under a temporary name and
     renamed, so an interrupted run leaves only whole files, and ``skip_existing`` resumes it.
     """
-    from clearair.inference import save_image
-    from clearair.restorer import RestorerLoadError, load_restorer
-    from synth.imageio import BadImage, load_rgb
 
     planned, failed = plan_outputs(inputs, out)
     if not planned:
@@ -161,12 +165,6 @@ def load_scorer(prompts: str | Path, device: str = "auto"):
     with (the view the prompts learned on)."""
     from safetensors import SafetensorError, safe_open
 
-    from clearair.models.perceiver import build_perceiver
-    from clearair.models.pretrained import MissingWeightsError
-    from clearair.priors import perceiver_config
-    from clearair.restorer import resolve_device
-    from synth import storage
-
     try:
         prompts = storage.local_copy(prompts)
     except OSError as err:
@@ -196,9 +194,6 @@ def score_paths(
     """Quality score, tier and probabilities of every readable image of ``inputs``, and ``(path, reason)`` for
     each one that could not be read. Images are decoded as synthesis decodes them and scored on the crop grid of
     the prompts' view (:func:`clearair.scoring.grid_probabilities`)."""
-    from clearair.models.perceiver import TIERS
-    from clearair.scoring import grid_probabilities, quality_score
-    from synth.imageio import BadImage, load_rgb
 
     perceiver, crop = load_scorer(prompts, device)
     files, failed = image_files_and_missing(inputs)

@@ -13,6 +13,7 @@ from clearair.data.examples import collate_restoration, restoration_example
 from clearair.data.loaders import whole_images
 from clearair.data.tasks import TaskIndex
 from clearair.data.windows import PRIOR_MAP_STRIDE, crop_prior, key_seed, random_windows
+from clearair.metrics import psnr
 from synth.read import ShardFormatError, where
 from synth.recipes import task_family
 
@@ -32,7 +33,6 @@ def probe_quotas(tasks: TaskIndex, per_task: int) -> dict[str, int]:
 
 def _probe_candidates(sample: dict[str, Any], crop: int, n: int, seed: int) -> list[tuple[float, dict[str, Any]]]:
     """``n`` seeded crops of one sample as ``(input PSNR, a sample of the crop)``; map priors cut with them."""
-    from clearair.metrics import psnr
 
     h, w = sample["gt"].shape[:2]
     rng = np.random.default_rng([seed, key_seed(sample["key"])])

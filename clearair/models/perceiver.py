@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from clearair.models.pretrained import Frozen, MissingWeightsError, load_open_clip
 from clearair.optim import adamw_cosine
+from synth import storage
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,6 @@ class QualityPerceiver(nn.Module):
     def load_prompts(self, path: str | Path) -> None:
         """Load contexts written by :meth:`save_prompts`; fails naming the file when they don't fit this perceiver."""
         from safetensors import safe_open
-
-        from synth import storage
 
         path = storage.local_copy(path)
         if not path.is_file():

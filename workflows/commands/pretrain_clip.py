@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -19,7 +20,6 @@ def add_pretrain_clip_parser(sub) -> None:
 
 
 def cmd_pretrain_clip(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from workflows.qclip import PretrainConfig, pretrain
 

@@ -24,6 +24,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from clearair.data import check_resample
+from clearair.metrics import psnr, ssim
+from clearair.restorer import Restorer, load_restorer
+from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
 from synth import storage
 from synth.read import iter_shard, shard_paths
 from synth.tiers import (
@@ -39,10 +43,9 @@ from workflows.config import ModelSpec, PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.records import FitResult, TrackingRef, TrainingData
 from workflows.stages.common import ray_ready
+from workflows.training import fit_restorer
 
 if TYPE_CHECKING:
-    from clearair.restorer import Restorer
-    from clearair.specs import RestorerSpec
     from workflows.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,6 @@ class FoldShards:
 def _restored(restorers: list[Restorer], url: str, fold: int, tile: int | None, overlap: int, rows: list[dict]):
     """``(low, mediums, high, meta)`` of every sample of shard ``url``, one medium per restorer in order, its json
     also appended to ``rows``."""
-    from clearair.metrics import psnr, ssim
 
     for s in iter_shard(url):
         mediums = [restorer.restore(s["lq"], tile=tile, overlap=overlap) for restorer in restorers]
@@ -118,7 +120,6 @@ def restore_fold(
 
 def fold_restorer_spec(cfg: PipelineConfig) -> RestorerSpec:
     """The fold restorer ``crossval.model``: its loss without a perceiver or VGG16, its priors and schedule."""
-    from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
 
     cv = cfg.crossval
     # con_labels, con_gather and select_by as in 0.1.0, so the fold restorers (and cached tiers) stay as they were
@@ -131,7 +132,6 @@ def fold_restorer_spec(cfg: PipelineConfig) -> RestorerSpec:
 def plain_restorer_spec(cfg: PipelineConfig, model: ModelSpec) -> RestorerSpec:
     """:func:`fold_restorer_spec` of a further fold restorer ``model`` (``crossval.models``): a plain restorer
     trained with ``crossval.pixel_loss`` alone and no priors, on the same schedule."""
-    from clearair.specs import NetworkSpec
 
     base = fold_restorer_spec(cfg)
     network = NetworkSpec(model.arch, dict(model.config), model.preset)
@@ -153,7 +153,6 @@ def run_name(fold: int, model: int) -> str:
 def fit_fold_restorers(fold: int, job: FoldJob, train: list[str], tracker: Tracker, run_id: str) -> list[FitResult]:
     """Train every restorer of fold ``fold`` on ``train``: the first logs to the fold's MLflow run ``run_id``, each
     further one to a nested run of its own (``crossval-m<i>-fold<k>``)."""
-    from workflows.training import fit_restorer
 
     data, ray, fits = TrainingData(train, job.val, job.tasks, resample=job.resample), storage.join(job.out, "ray"), []
     for i, spec in enumerate(job.specs):
@@ -218,7 +217,6 @@ def fold_metrics(record: dict[str, Any]) -> dict[str, float]:
 def run_fold(fold: int, job: FoldJob) -> dict[str, Any]:
     """Train the fold's restorers on the other folds, restore this one with all of them; returns the fold's
     ``done.json`` record. Idempotent: a finished fold returns its record."""
-    from clearair.restorer import load_restorer
 
     done = storage.join(job.out, f"fold{fold}", "done.json")
     if storage.exists(done):
@@ -286,7 +284,6 @@ def tier_metrics(manifest: dict[str, Any], trained: list[dict]) -> dict[str, flo
 def fold_job(cfg: PipelineConfig, ctx: RunContext, data: str, task_counts: dict[str, int]) -> FoldJob:
     """The folds' job on the synth dataset ``data``, whose manifest counts ``task_counts`` samples per task; a
     misspelt ``crossval.resample`` task fails here, not in a Ray task."""
-    from clearair.data import check_resample
 
     cv = cfg.crossval
     return FoldJob(

@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from synth import storage
+from synth.read import shard_paths
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
+from workflows.evaluation import evaluate_model, protocol_for, write_figure, write_tables
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    from synth.read import shard_paths
-    from workflows.evaluation import evaluate_model, protocol_for, write_figure, write_tables
 
     data, ev = inputs["synth"].outputs["data"], cfg.evaluate
     sets: dict[str, Any] = {f"synthetic-{split}": shard_paths(data, split) for split in ev.splits}

@@ -16,7 +16,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from clearair.data import TaskIndex, tier_loader, whole_images
+from clearair.models.perceiver import TIERS, PerceiverConfig
+from clearair.scoring import confusion, score_tier_samples, tier_report
 from synth import storage
+from synth.figures import heatmap, labelled_grid, png_bytes, thumb
+from synth.tiers import tier_shard_paths
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.records import TrackingRef
@@ -25,7 +30,6 @@ from workflows.stages.common import ray_ready, remote_call
 
 def perceiver_config(cfg: PipelineConfig) -> dict[str, Any]:
     """The full PerceiverConfig of the stage (preset + overrides) as plain types."""
-    from clearair.models.perceiver import PerceiverConfig
 
     base = {"tiny": PerceiverConfig.tiny, "qclip": PerceiverConfig.qclip}.get(cfg.perceiver.preset, PerceiverConfig)()
     merged = {**asdict(base), **cfg.perceiver.perceiver}
@@ -65,7 +69,6 @@ class LearnedPrompts:
 
 def tier_loaders(job: PerceiverJob) -> tuple[Any, Any]:
     """Task-balanced training batches of the tier shards and the fixed validation batches, on the job's view."""
-    from clearair.data import TaskIndex, tier_loader
 
     tasks, size, seed = TaskIndex(job.tasks), job.perceiver_config["image_size"], job.seed
     batch = -(-job.batch_per_tier // len(tasks)) * len(tasks)  # task-balanced: a multiple of the task count
@@ -138,10 +141,6 @@ def score_crop(view: str, crop: int | None, image_size: int) -> int | None:
 def heldout_report(perceiver, urls: list[str], crop: int | None, out) -> dict[str, float]:
     """Scores of every held-out tier image on the view's crop grid (``heldout/...``) and whole (``whole/...``);
     writes the confusion heatmap and the tier contact sheet into ``out``."""
-    from clearair.data import whole_images
-    from clearair.models.perceiver import TIERS
-    from clearair.scoring import confusion, score_tier_samples, tier_report
-    from synth.figures import heatmap, labelled_grid, png_bytes, thumb
 
     samples = list(whole_images(urls))
     grid, whole = score_tier_samples(perceiver, samples, crop), score_tier_samples(perceiver, samples, None)
@@ -162,7 +161,6 @@ def heldout_report(perceiver, urls: list[str], crop: int | None, out) -> dict[st
 def tier_split(tiers: str) -> tuple[list[str], list[str]]:
     """``(train, val)`` tier shards: all of them and the held-out ones, or without held-out restorations the first
     three quarters and the last quarter (one shard: the same shard for both)."""
-    from synth.tiers import tier_shard_paths
 
     urls, heldout = tier_shard_paths(tiers), tier_shard_paths(tiers, heldout=True)
     if heldout:

@@ -24,13 +24,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from clearair.inference import to_tensor
+from clearair.priors import build_priors
 from synth import storage
-from synth.read import iter_raw
+from synth.read import iter_raw, shard_paths
 from synth.samples import degraded, raw_members, with_priors
 from synth.writer import publish_tar
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
-from workflows.stages.common import ray_ready
+from workflows.stages.common import ray_ready, resolved_priors
 
 ON_THE_FLY = {
     "none": "the model needs no frozen priors",
@@ -77,8 +79,6 @@ class ShardPriors:
     def __init__(self, spec_json: str, allow_random: bool, batch_size: int = 1) -> None:
         import torch
 
-        from clearair.priors import build_priors
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.provider = build_priors(json.loads(spec_json), allow_random=allow_random).to(self.device)
         self.batch_size = batch_size
@@ -86,8 +86,6 @@ class ShardPriors:
     def priors(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """``{name: (B, ...) float32}`` of same-size RGB uint8 images ``(H, W, 3)``."""
         import torch
-
-        from clearair.inference import to_tensor
 
         lq = torch.stack([to_tensor(image) for image in images]).to(self.device)  # (B, 3, H, W)
         with torch.inference_mode():
@@ -170,8 +168,6 @@ def skip_reason(cfg: PipelineConfig) -> str | None:
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    from synth.read import shard_paths
-    from workflows.stages.train import resolved_priors
 
     reason = skip_reason(cfg)
     if reason is not None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from synth import storage
+from synth.config import SynthConfig
+from synth.run import RunOptions, synthesize
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.stages.common import ray_ready
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    from synth.config import SynthConfig
-    from synth.run import RunOptions, synthesize
 
     data = storage.join(ctx.out, "data")
     ray_ready(ctx)

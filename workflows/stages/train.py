@@ -9,37 +9,25 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from clearair.data import TaskIndex, check_resample, probe_set
+from clearair.export import export_model
+from clearair.restorer import read_checkpoint
+from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
 from synth import storage
+from synth.read import shard_paths
+from synth.tiers import tier_shard_paths
 from workflows.config import PipelineConfig
 from workflows.context import RunContext, StageResult
 from workflows.records import FitResult, TrainingData
-from workflows.stages.common import ray_ready
-
-if TYPE_CHECKING:
-    from clearair.specs import RestorerSpec
-
-
-def learned_perceiver(inputs: dict[str, StageResult]) -> dict[str, Any]:
-    """The perceiver the previous stage learned: its config and its prompts file."""
-    p = inputs["perceiver"].outputs
-    return {"config": json.loads(p["perceiver_config"]), "prompts": p["prompts"]}
-
-
-def resolved_priors(spec: dict[str, Any], inputs: dict[str, StageResult]) -> dict[str, Any]:
-    """ClearAIR's default assessor is the learned perceiver: fill in its config and prompts unless given."""
-    spec = dict(spec)
-    assessor = dict(spec.get("assessor") or {})
-    if spec.get("kind") == "clearair" and assessor.get("kind") == "perceiver" and "config" not in assessor:
-        spec["assessor"] = {**assessor, **learned_perceiver(inputs)}
-    return spec
+from workflows.stages.common import learned_perceiver, ray_ready, resolved_priors
+from workflows.training import fit_restorer
 
 
 def restorer_spec(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> RestorerSpec:
     """The restorer ``train`` fits: its network, loss (with the learned perceiver for the CLIP-aware part), priors
     and schedule."""
-    from clearair.specs import LossSpec, NetworkSpec, OptimSpec, RestorerSpec
 
     t = cfg.train
     loss = LossSpec(
@@ -65,14 +53,10 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> Traini
     """What the restorer trains on: the tier shards for Perceive-IR (never the held-out ones), the shards with
     precomputed priors where the priors stage wrote them, the synth shards otherwise; validated on the synth
     validation split."""
-    from clearair.data import check_resample
-    from synth.read import shard_paths
 
     data = inputs["synth"].outputs["data"]
     tasks = sorted(storage.read_json(storage.join(data, "manifest.json"))["counts"]["task"])
     if cfg.train.loss == "perceive_ir":
-        from synth.tiers import tier_shard_paths
-
         train, with_tiers = tier_shard_paths(inputs["crossval"].outputs["tiers"]), True  # never held-out tiers
     elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
         train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
@@ -86,7 +70,6 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> Traini
 def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> dict[str, Any] | None:
     """The perceptual loss's fixed probe set (:func:`clearair.data.probe_set`), built once here and handed to every
     worker; None where the loss has no perceptual part or ``train.perceptual.probe_per_task`` is 0."""
-    from clearair.data import TaskIndex, probe_set
 
     t = cfg.train
     if "perceptual" in t.inert_fields() or t.perceptual.probe_per_task == 0:
@@ -97,8 +80,6 @@ def difficulty_probe(cfg: PipelineConfig, val: list[str], tasks: list[str]) -> d
 def export_restorer(cfg: PipelineConfig, ctx: RunContext, spec: RestorerSpec, fit: FitResult) -> str:
     """Export the best checkpoint (safetensors + config, with its priors, frozen parts, perceiver and how it was
     trained) into the stage's ``model``; returns that location."""
-    from clearair.export import export_model
-    from clearair.restorer import read_checkpoint
 
     model, record = read_checkpoint(storage.local_copy(fit.checkpoint))
     extra = {
@@ -125,7 +106,6 @@ def log_datasets(ctx: RunContext, inputs: dict[str, StageResult], tiers: bool) -
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-    from workflows.training import fit_restorer
 
     spec, data = restorer_spec(cfg, inputs), training_data(cfg, inputs)
     ray_ready(ctx)
