@@ -75,7 +75,7 @@ def train_and_evaluate(workdir: str, variant: dict, seed: int, steps: int, extra
     from workflows.context import Workdir
     from workflows.evaluation import evaluate_model, protocol_for
     from workflows.pipeline import stage_keys
-    from workflows.stages.train import restorer_spec, training_data
+    from workflows.restorer_job import restorer_spec, training_data
 
     overrides = {"seed": seed, "train.fit.steps": steps, **{f"train.{k}": v for k, v in variant.items()}, **extra}
     cfg = load_pipeline("quickstart", overrides)

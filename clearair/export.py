@@ -130,7 +130,6 @@ def bundle_parts(spec: Any, out: Path, path: str = "") -> Any:
 
 
 def _copy_part(location: str, out: Path, name: str) -> str:
-
     if storage.is_file(location):
         rel = f"{PARTS_DIR}/{name}{Path(location).suffix}"
         dst = out / rel

@@ -319,7 +319,6 @@ def restore_image(
 
 def save_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     """Write (H, W, 3) uint8 RGB (or float in [0, 1], rounded) atomically; format from the file suffix."""
-
     path = Path(path)
     data = np.asarray(arr)
     if data.dtype != np.uint8:

@@ -153,7 +153,6 @@ class ClearAIRPriors(PriorProvider):
         self.dims = {"quality_dim": assessor.dim, "degradation_dim": degrader.dim, "n_regions": regions.n_regions}
 
     def compute(self, lq: Tensor) -> dict[str, Tensor]:
-
         return compute_clearair_priors(lq, self.assessor, self.regions, self.degrader)
 
 
@@ -242,7 +241,6 @@ def build_vgg_features(
     """Frozen :class:`clearair.models.vgg.VGGFeatures` at ``taps`` (None: the Perceive-IR authors') from a source
     (``"torchvision"`` or a file), a dict ``{"source", "seed"}``, or None (random weights, only with
     ``allow_random``)."""
-
     taps = tuple(taps or PERCEIVE_IR_TAPS)
     spec = _fields(spec if isinstance(spec, dict) else {"source": spec}, "vgg", (), {"source": None, "seed": 0})
     if spec["source"] is None:
@@ -275,7 +273,6 @@ def build_priors(spec: dict[str, Any] | None, allow_random: bool = False) -> Pri
 
 
 def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
-
     if _kind(spec, "assessor", ("perceiver", "mllm")) == "perceiver":
         spec = _fields(spec, "assessor (perceiver)", *PERCEIVER_ASSESSOR_SPEC)
         perceiver = build_frozen_perceiver({k: spec[k] for k in ("config", "prompts", "seed")}, allow_random)
@@ -285,7 +282,6 @@ def _assessor(spec: dict[str, Any], allow_random: bool) -> nn.Module:
 
 
 def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
-
     if _kind(spec, "regions", ("dino_cluster", "sam2")) == "dino_cluster":
         spec = _fields(spec, "regions (dino_cluster)", *DINO_CLUSTER_SPEC)
         dinov2 = _dinov2(spec["source"], allow_random, spec["seed"])
@@ -295,7 +291,6 @@ def _regions(spec: dict[str, Any], allow_random: bool) -> nn.Module:
 
 
 def _degrader(spec: dict[str, Any], allow_random: bool, assessor_perceiver: nn.Module | None) -> nn.Module:
-
     if _kind(spec, "degradation", ("cfe_perceiver", "daclip")) == "daclip":
         spec = _fields(spec, "degradation (daclip)", *DACLIP_SPEC)
         return DaClipEmbedder(spec["source"], spec["model_name"], spec["image_size"])

@@ -253,7 +253,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     """The network of a RestorerModule checkpoint (``weights_only=True``; its weight average when it kept one) and
     its record: ``arch``, ``config``, ``extra`` (``priors``, ``allow_random_frozen``, ``frozen``), in the shape an
     export's config.json has."""
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled code, RuntimeError / EOFError for damaged files
@@ -281,7 +280,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
 
 def _local_source(source: str, tracking_uri: str | None) -> Path:
     """A local file or directory for ``source``: object stores and MLflow registries are downloaded first."""
-
     if source.startswith(("models:/", "runs:/")):
         return _mlflow_export(source, tracking_uri)
     if storage.is_remote(source):
@@ -298,7 +296,6 @@ def _local_source(source: str, tracking_uri: str | None) -> Path:
 def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
     """Download a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or a logged one and return
     the export directory inside it."""
-
     import mlflow.artifacts
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -327,7 +324,6 @@ def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
 
 def find_export(root: Path, source: str) -> Path:
     """The one ClearAIR export directory at or under ``root`` (a logged MLflow model keeps it in artifacts/)."""
-
     candidates = [root] if (root / CONFIG_NAME).is_file() else []
     candidates += sorted(p.parent for p in root.glob(f"artifacts/*/{CONFIG_NAME}"))
     for c in candidates:
@@ -340,7 +336,6 @@ def find_export(root: Path, source: str) -> Path:
 
 
 def _network_and_record(path: Path, source: str) -> tuple[nn.Module, dict[str, Any]]:
-
     if path.is_file() and path.name != "config.json":
         return read_checkpoint(path)
     try:
@@ -356,7 +351,6 @@ def _network_and_record(path: Path, source: str) -> tuple[nn.Module, dict[str, A
 
 def build_frozen(extra: dict[str, Any], source: str, check: bool = True) -> nn.Module | None:
     """The prior provider an export or checkpoint record names, checked against its recorded sums."""
-
     spec = extra.get("priors") or {"kind": "none"}
     try:
         provider = build_priors(spec, allow_random=bool(extra.get("allow_random_frozen")))

@@ -43,7 +43,6 @@ def grid_crops(img: np.ndarray, crop: int, max_grid: int = MAX_GRID) -> list[np.
 def grid_probabilities(perceiver: QualityPerceiver, img: np.ndarray, crop: int | None) -> np.ndarray:
     """Tier probabilities ``(3,)`` of an ``(H, W, 3)`` uint8 image: the mean over its crop grid, or of the whole
     image resized to CLIP's input when ``crop`` is None."""
-
     crops = [img] if crop is None else grid_crops(img, crop)  # all of one size
     batch = torch.stack([to_tensor(np.ascontiguousarray(c)) for c in crops]).to(perceiver.mean.device)
     return perceiver.probabilities(batch).mean(0).cpu().numpy()

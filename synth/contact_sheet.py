@@ -12,7 +12,6 @@ THUMB = 128
 
 def first_per_task(out: str, manifest: dict, recipe=None) -> dict[str, dict]:
     """The first stored sample of every task (on-the-fly samples are degraded at epoch 0)."""
-
     tasks = set(manifest["counts"]["task"])
     found: dict[str, dict] = {}
     for shard in manifest["shards"]:
@@ -27,7 +26,6 @@ def first_per_task(out: str, manifest: dict, recipe=None) -> dict[str, dict]:
 
 def write_contact_sheet(out: str, manifest: dict) -> str | None:
     """Write ``out/contact_sheet.png`` (rows: task; columns: label, LQ, GT); None for an empty dataset."""
-
     recipe = Recipe.model_validate(manifest["recipe"])
     samples = first_per_task(out, manifest, recipe)
     if not samples:

@@ -209,7 +209,6 @@ def _clean_files(root: Path, consumed: set[Path], skipped: list[dict[str, str]])
 
 
 def _hash_all(paths: list[Path], progress: bool = False, name: str = "") -> dict[Path, str]:
-
     with ThreadPoolExecutor(max_workers=8) as pool:
         hashed = pool.map(storage.sha256, paths)
         bar = tqdm(hashed, total=len(paths), desc=f"hash {name}", unit="file", disable=not progress or len(paths) < 2)

@@ -364,9 +364,11 @@ def test_gathered_infonce_on_two_gloo_workers_matches_the_single_process_loss(tm
             terms.append(torch.logsumexp(logits, 0) - pos[i])
         expected = torch.stack(terms).mean()
         expected.backward()
-        assert loss == pytest.approx(float(expected), abs=1e-5)
+        # float32 sums in other kernels: a worker spawned after the CLI pinned os.environ to AVX2 runs other GEMM
+        # code than this process; a bank without the other rank's images changes the loss by > 0.1
+        assert loss == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
         assert coverage == 1.0
-        torch.testing.assert_close(grad_anchor, anchor.grad)
-        torch.testing.assert_close(grad_positive, positive.grad)
+        torch.testing.assert_close(grad_anchor, anchor.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad_positive, positive.grad, rtol=1e-4, atol=1e-5)
     local_only = cfe_infonce(features[0, :n], features[1, :n], labels[:n])[1]
     assert float(local_only) == 0.0  # alone, rank 0's one-label batch has no negative: its loss would be 0

@@ -26,6 +26,7 @@ from synth.read import iter_raw, shard_paths
 from tests.conftest import textured
 from tests.test_synth_run import config, run
 from tests.tiny import REGION_DINO
+from workflows import priors_pool
 from workflows.config import load_pipeline
 from workflows.context import RunContext, StageResult, Workdir
 from workflows.pipeline import stage_keys
@@ -55,7 +56,7 @@ def test_prior_shards_keep_every_member_add_priors_and_are_the_same_in_a_bucket(
     (url, *_) = shard_paths(tmp_path / "ds", "train")
     spec = json.dumps(SPEC, sort_keys=True)
     local, remote = str(tmp_path / "priors" / "a.tar"), f"{s3_bucket}/priors/a.tar"
-    shard_priors = priors_stage.ShardPriors(spec, True)  # the models loaded once for both copies
+    shard_priors = priors_pool.ShardPriors(spec, True)  # the models loaded once for both copies
     record = shard_priors(url, local)
     assert shard_priors(url, remote) == record
     assert storage.read_bytes(remote) == storage.read_bytes(local)
@@ -219,14 +220,14 @@ def test_a_worker_lost_mid_run_is_restarted_and_its_shard_retried(dataset, poole
     out, _ = pooled
     crashed = tmp_path / "crashed"
 
-    class DiesOnce(priors_stage.ShardPriors):  # defined here, so Ray ships it by value to the worker
-        def __call__(self, url: str, out: str) -> priors_stage.PriorShard:
+    class DiesOnce(priors_pool.ShardPriors):  # defined here, so Ray ships it by value to the worker
+        def __call__(self, url: str, out: str) -> priors_pool.PriorShard:
             if not crashed.exists():
                 crashed.touch()
                 os._exit(1)  # the worker process dies mid-shard, as on a lost node
             return super().__call__(url, out)
 
-    monkeypatch.setattr(priors_stage, "ShardPriors", DiesOnce)
+    monkeypatch.setattr(priors_stage, "ShardPriors", DiesOnce)  # the name the stage builds its pool from
     tracker = run_stage(dataset, tmp_path, workers=1, batch_size=4)
     assert crashed.exists() and tracker.metrics["shards_written"] == len(names(dataset))
     assert tracker.metrics["model_loads"] == 2  # the first load and the restarted worker's
@@ -236,7 +237,7 @@ def test_a_worker_lost_mid_run_is_restarted_and_its_shard_retried(dataset, poole
 
 def test_size_batches_hold_one_size_and_keep_every_image():
     images = [(i, np.zeros(SIZES[i % 3 == 0] + (3,), np.uint8)) for i in range(10)]
-    batches = list(priors_stage.size_batches(images, 3))
+    batches = list(priors_pool.size_batches(images, 3))
     assert sorted(i for b in batches for i, _ in b) == list(range(10))
     assert all(len(b) <= 3 and len({a.shape for _, a in b}) == 1 for b in batches)
     assert [[i for i, _ in b] for b in batches] == [[1, 2, 4], [0, 3, 6], [5, 7, 8], [9]]  # full ones first

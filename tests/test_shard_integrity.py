@@ -127,7 +127,8 @@ def test_a_streamed_object_is_checked_before_its_last_sample(copy, s3_bucket):
 
 
 def test_tier_manifests_from_crossval_carry_hashes(copy, tmp_path):
-    from workflows.stages.crossval import fold_tier_manifest, restore_fold
+    from workflows.folds import restore_fold
+    from workflows.stages.crossval import fold_tier_manifest
 
     class Identity:
         def restore(self, img, tile=None, overlap=0):

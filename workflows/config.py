@@ -170,7 +170,6 @@ class PerceptualConfig(Strict):
 
     @model_validator(mode="after")
     def _taps(self) -> PerceptualConfig:
-
         check_taps(self.taps, self.layer_weights)
         return self
 
@@ -224,7 +223,6 @@ class TrainConfig(Strict):
 
     def inert_fields(self) -> set[str]:
         """Fields with no effect on this config's training (kept out of its cache key)."""
-
         weights = loss_weights(self.loss, dict(self.loss_weights)) if self.loss == "perceive_ir" else None
         inert = set() if weights is not None and weights.clip != 0 else {"clip_temperature"}
         if weights is None or weights.dpl == 0:
@@ -309,7 +307,6 @@ class PipelineConfig(Strict):
     def _free_form_sections(self) -> PipelineConfig:
         """The sections pydantic sees only as dicts or names, checked against their real schemas before any stage
         runs (:func:`workflows.free_form.problems`); every problem is listed at once."""
-
         found = problems(self)
         if found:
             raise ValueError("\n  ".join(found))

@@ -38,7 +38,6 @@ def _needed(only: set[str] | None, stages: tuple[str, ...]) -> bool:
 
 def weight_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
     """Load every pretrained part the pipeline names (those the stages in ``only`` need, when given)."""
-
     checks = []
     p = perceiver_config(cfg)
     clip_stages = ("perceiver", "train") if cfg.train.loss == "perceive_ir" else ("perceiver",)
@@ -63,7 +62,6 @@ def weight_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Che
 
 def dataset_checks(cfg: PipelineConfig, only: set[str] | None = None) -> list[Check]:
     """Every source folder and benchmark the pipeline names (those the stages in ``only`` need, when given)."""
-
     checks = []
     for i, src in enumerate(cfg.synth.sources if _needed(only, ("synth",)) else []):
         if src.layout == "demo":

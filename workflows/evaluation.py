@@ -75,7 +75,6 @@ def protocol_for(evaluate: EvaluateConfig) -> Protocol:
 
 def benchmark_items(bench: dict[str, Any]) -> list:
     """Source items of a benchmark folder: pairs, or clean images when ``noise_sigma`` is set."""
-
     skipped: list[dict] = []
     try:
         items = discover_folder(SourceSpec(path=bench["path"], layout=bench.get("layout", "auto")), skipped)
@@ -98,7 +97,6 @@ def _benchmark_pairs(
     bench: dict[str, Any], seed: int, mod_crop: int | None = None
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """(name, task, lq, gt) per image; clean images get seeded noise after the mod-crop, as PromptIR adds it."""
-
     for item in benchmark_items(bench):
         gt, _ = load_rgb(item.gt)
         gt = crop(gt, mod_crop) if mod_crop else gt
@@ -114,7 +112,6 @@ def _benchmark_pairs(
 
 
 def _shard_pairs(urls: list[str], mod_crop: int | None = None) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-
     for url in urls:
         for s in iter_shard(url):
             lq, gt = (crop(s["lq"], mod_crop), crop(s["gt"], mod_crop)) if mod_crop else (s["lq"], s["gt"])
@@ -122,7 +119,6 @@ def _shard_pairs(urls: list[str], mod_crop: int | None = None) -> Iterator[tuple
 
 
 def _scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-
     return {
         "psnr_rgb": psnr(pred, gt),
         "ssim_rgb": ssim(pred, gt),
@@ -143,7 +139,6 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Per-image rows, per-(set, task) summaries with the input's scores beside, flat metrics, example images and
     the protocol's description; ``progress``: a bar per set on stderr."""
-
     restorer = load_restorer(model_dir, device=device, precision="fp32")  # metrics in float32 on any device
     sources = {name: _shard_pairs(urls, protocol.mod_crop) for name, urls in sets.items()}
     sources |= {b["name"]: _benchmark_pairs(b, seed, protocol.mod_crop) for b in benchmarks}
@@ -272,7 +267,6 @@ def write_tables(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
 
 def write_figure(results: dict[str, Any], path: Path, crop: int) -> Path | None:
     """One row per (set, task): input | restored | target centre crops, columns titled."""
-
     if not results["examples"]:
         return None
     rows = [

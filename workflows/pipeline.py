@@ -219,7 +219,6 @@ def _end_failed(tracker, run_id: str) -> None:
     """Mark a run FAILED if the store still takes writes; when it does not (a full disk), the original error is
     the one to report (MLflow's own traceback of the failed write is held back) and the next run on the workdir
     marks the run KILLED."""
-
     store_log = logging.getLogger("mlflow.store.db.utils")  # logs each failed write with its traceback
     level = store_log.level
     store_log.setLevel(logging.CRITICAL)

@@ -76,7 +76,6 @@ def plan_outputs(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]]
 
 def check_out_folder(out: Path) -> None:
     """Create ``out`` and prove a file can be written there, or raise :class:`RestoreError` saying why."""
-
     reasons = {
         errno.ENOTDIR: "a file is in the way (a path component is not a folder)",
         errno.EEXIST: "it exists and is not a folder",
@@ -194,7 +193,6 @@ def score_paths(
     """Quality score, tier and probabilities of every readable image of ``inputs``, and ``(path, reason)`` for
     each one that could not be read. Images are decoded as synthesis decodes them and scored on the crop grid of
     the prompts' view (:func:`clearair.scoring.grid_probabilities`)."""
-
     perceiver, crop = load_scorer(prompts, device)
     files, failed = image_files_and_missing(inputs)
     rows = []

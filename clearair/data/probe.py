@@ -33,7 +33,6 @@ def probe_quotas(tasks: TaskIndex, per_task: int) -> dict[str, int]:
 
 def _probe_candidates(sample: dict[str, Any], crop: int, n: int, seed: int) -> list[tuple[float, dict[str, Any]]]:
     """``n`` seeded crops of one sample as ``(input PSNR, a sample of the crop)``; map priors cut with them."""
-
     h, w = sample["gt"].shape[:2]
     rng = np.random.default_rng([seed, key_seed(sample["key"])])
     out = []

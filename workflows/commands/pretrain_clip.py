@@ -20,7 +20,6 @@ def add_pretrain_clip_parser(sub) -> None:
 
 
 def cmd_pretrain_clip(args: argparse.Namespace) -> int:
-
     from workflows.qclip import PretrainConfig, pretrain
 
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}

@@ -19,7 +19,6 @@ from workflows.evaluation import evaluate_model, protocol_for, write_figure, wri
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-
     data, ev = inputs["synth"].outputs["data"], cfg.evaluate
     sets: dict[str, Any] = {f"synthetic-{split}": shard_paths(data, split) for split in ev.splits}
     results = evaluate_model(

@@ -11,7 +11,6 @@ from workflows.stages.common import ray_ready
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) -> StageResult:
-
     data = storage.join(ctx.out, "data")
     ray_ready(ctx)
     synth_cfg = SynthConfig(**cfg.synth.model_dump(), out=data)
