@@ -238,7 +238,7 @@ def test_clearair_training_path_at_reduced_size(tiny_run, tmp_path):
     assert config["arch"] == "clearair" and config["extra"]["priors"]["assessor"]["prompts"].endswith(".safetensors")
     priors = json.loads((new_stage(workdir, "priors", before) / "result.json").read_text())
     assert priors["skipped"] is None and priors["metrics"]["samples_computed"] > 0  # precomputed once per image
-    shard = json.loads(priors["outputs"]["train_shards"])[0].replace("{workdir}", str(workdir))
+    shard = priors["outputs"]["train_shards"][0].replace("{workdir}", str(workdir))
     from synth.read import iter_raw
 
     assert {"prior.quality_emb.npy", "prior.region_masks.npy"} <= set(next(iter_raw(shard)))

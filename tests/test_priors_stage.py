@@ -111,7 +111,7 @@ def run_stage(dataset: Path, out: Path, **priors: int) -> Recorder:
     tracker = Recorder()
     ctx = RunContext(Workdir(out.parent), "", "priors", tracker=tracker, stage="priors", out=str(out), run_id="r")
     result = priors_stage.run(cfg, ctx, {"synth": StageResult("synth", "k" * 64, {"data": str(dataset)})})
-    assert [storage.name(u) for u in json.loads(result.outputs["train_shards"])] == names(dataset)
+    assert [storage.name(u) for u in result.outputs["train_shards"]] == names(dataset)
     return tracker
 
 

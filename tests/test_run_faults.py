@@ -31,7 +31,7 @@ def _publish(root: Path) -> tuple[Workdir, str]:
     out = wd.stage_dir("priors", KEY)
     Path(out, "shards").mkdir(parents=True)
     shards = [f"{out}/shards/a.tar", f"{out}/shards/b.tar"]
-    outputs = {"data": out, "train_shards": json.dumps(shards), "sha": "ab" * 32, "elsewhere": "/data/photos"}
+    outputs = {"data": out, "train_shards": shards, "sha": "ab" * 32, "elsewhere": "/data/photos"}
     wd.publish(StageResult("priors", KEY, outputs))
     return wd, out
 
@@ -44,9 +44,23 @@ def test_result_json_names_workdir_locations_relative_so_a_moved_workdir_stays_c
     moved = Workdir(shutil.move(wd.root, tmp_path / "b"))
     result = moved.cached("priors", KEY)
     assert result.outputs["data"] == moved.stage_dir("priors", KEY)
-    assert json.loads(result.outputs["train_shards"]) == [f"{moved.root}/stages/priors-cccccccccccc/shards/{n}.tar"
+    assert result.outputs["train_shards"] == [f"{moved.root}/stages/priors-cccccccccccc/shards/{n}.tar"
                                                           for n in "ab"]  # fmt: skip
     assert result.outputs["elsewhere"] == "/data/photos"
+
+
+def test_lists_and_records_written_as_json_strings_by_earlier_releases_read_back_as_values(tmp_path):
+    wd, out = _publish(tmp_path / "a")
+    path = Path(out, "result.json")
+    record = json.loads(path.read_text())
+    shards = [f"{WORKDIR_TOKEN}/stages/priors-cccccccccccc/shards/{n}.tar" for n in "ab"]
+    record["outputs"].update(train_shards=json.dumps(shards), perceiver_config=json.dumps({"embed_dim": 8}))
+    path.write_text(json.dumps(record))  # as clearair 0.2 wrote them: JSON inside a string
+    outputs = wd.cached("priors", KEY).outputs
+    assert outputs["train_shards"] == [f"{wd.root}/stages/priors-cccccccccccc/shards/{n}.tar" for n in "ab"]
+    assert outputs["perceiver_config"] == {"embed_dim": 8} and outputs["data"] == out
+    wd.publish(wd.cached("priors", KEY))  # written back as plain JSON values
+    assert json.loads(path.read_text())["outputs"]["train_shards"] == shards
 
 
 def test_an_old_absolute_result_is_rebased_when_its_output_moved_with_it(tmp_path):

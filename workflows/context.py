@@ -41,16 +41,24 @@ class StaleOutput(RuntimeError):
     workdir without it); the message names both and the remedy."""
 
 
-def _map_locations(value: str, fn: Callable[[str], str]) -> str:
-    """``fn`` applied to a location, or to each item of a JSON list of locations (as some outputs are)."""
-    if value.startswith("["):
+def _map_locations(value: Any, fn: Callable[[str], str]) -> Any:
+    """``fn`` applied to a location, or to each location of a list; records (dicts) and numbers as they are."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [fn(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _native(value: Any) -> Any:
+    """An output as its JSON value: results of clearair 0.2 and earlier hold lists and records as JSON strings
+    (a location never starts with ``[`` or ``{``)."""
+    if isinstance(value, str) and value[:1] in ("[", "{"):
         try:
-            items = json.loads(value)
+            return json.loads(value)
         except ValueError:
-            items = None
-        if isinstance(items, list) and all(isinstance(i, str) for i in items):
-            return json.dumps([fn(i) for i in items])
-    return fn(value)
+            return value
+    return value
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class StageResult:
 
     stage: str
     key: str
-    outputs: dict[str, str]
+    outputs: dict[str, Any]  # JSON values: a location, a list of locations, a small record
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     skipped: str | None = None  # why the stage did no work (e.g. nothing to precompute)
@@ -128,7 +136,7 @@ class Workdir:
             return None
         result = StageResult(**storage.read_json(storage.join(self.stage_dir(stage, key), "result.json")))
         here = {
-            name: _map_locations(value, lambda loc, name=name: self._resolve(loc, stage, name))
+            name: _map_locations(_native(value), lambda loc, name=name: self._resolve(loc, stage, name))
             for name, value in result.outputs.items()
         }
         return StageResult(**{**result.to_json(), "outputs": here})
@@ -212,6 +220,6 @@ class RunContext:
         return TrackingRef(self.tracking_uri, self.experiment, run_id or self.run_id, self.artifact_root())
 
     def result(
-        self, outputs: dict[str, str], metrics: dict[str, float] | None = None, skipped: str | None = None
+        self, outputs: dict[str, Any], metrics: dict[str, float] | None = None, skipped: str | None = None
     ) -> StageResult:
         return StageResult(self.stage, self.key, outputs, metrics or {}, self.run_id, skipped)

@@ -3,7 +3,6 @@ difficulty probe), and the export of its best checkpoint."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
@@ -52,7 +51,7 @@ def training_data(cfg: PipelineConfig, inputs: dict[str, StageResult]) -> Traini
     if cfg.train.loss == "perceive_ir":
         train, with_tiers = tier_shard_paths(inputs["crossval"].outputs["tiers"]), True  # never held-out tiers
     elif "train_shards" in inputs["priors"].outputs:  # shards with precomputed priors beside each sample
-        train, with_tiers = json.loads(inputs["priors"].outputs["train_shards"]), False
+        train, with_tiers = inputs["priors"].outputs["train_shards"], False
     else:
         train, with_tiers = shard_paths(data, "train"), False
     val = shard_paths(data, "val")

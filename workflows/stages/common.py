@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from workflows.context import RunContext, StageResult
@@ -25,7 +24,7 @@ def remote_call(fn, *args: Any, num_cpus: float = 1, num_gpus: float = 0, **kwar
 def learned_perceiver(inputs: dict[str, StageResult]) -> dict[str, Any]:
     """The perceiver the previous stage learned: its config and its prompts file."""
     p = inputs["perceiver"].outputs
-    return {"config": json.loads(p["perceiver_config"]), "prompts": p["prompts"]}
+    return {"config": p["perceiver_config"], "prompts": p["prompts"]}
 
 
 def resolved_priors(spec: dict[str, Any], inputs: dict[str, StageResult]) -> dict[str, Any]:

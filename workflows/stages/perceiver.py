@@ -12,7 +12,6 @@ the view they were learned on, for the CLIP-aware loss and for ``clearair score`
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
@@ -77,5 +76,5 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     for path in (learned.prompts, *learned.figures):
         tracker.log_artifact(ctx.run_id, storage.local_copy(path))
     tracker.log_metrics(ctx.run_id, learned.metrics, step=cfg.perceiver.steps)
-    outputs = {"prompts": learned.prompts, "perceiver_config": json.dumps(job.perceiver_config)}
+    outputs = {"prompts": learned.prompts, "perceiver_config": job.perceiver_config}
     return ctx.result(outputs, learned.metrics)

@@ -65,6 +65,6 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: dict[str, StageResult]) ->
     ctx.tracker.log_metrics(ctx.run_id, metrics, step=0)
     ctx.tracker.set_tags(ctx.run_id, {"clearair.priors": "precomputed"})
     return ctx.result(
-        {"train_shards": json.dumps(sorted(storage.join(out, storage.name(u)) for u in urls))},
+        {"train_shards": sorted(storage.join(out, storage.name(u)) for u in urls)},
         {"shards": len(urls), "samples_computed": samples},
     )
