@@ -14,7 +14,7 @@ out: it needs a pretrained VGG16, which cannot be had offline.
     clearair run quickstart --workdir runs/quickstart          # once, for the shards, tiers and prompts
     python benchmarks/ablation_quickstart.py runs/quickstart [--seeds 0 1 2] [--steps 1500] [--variants a b c d e]
 
-~1 hour on 2 CPU cores for all variants and three seeds.
+About 1.5-2 hours on 2 CPU cores for all variants and three seeds (107 min on 2026-12-06, cores partly shared).
 """
 
 from __future__ import annotations
