@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -323,6 +322,8 @@ def save_image(path: str | os.PathLike, arr: np.ndarray) -> None:
     data = np.asarray(arr)
     if data.dtype != np.uint8:
         data = np.clip(np.round(data.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    from PIL import Image  # image I/O stays out of `import clearair` (see clearair/__init__)
+
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"unknown image format for {path} (suffix {path.suffix!r})")

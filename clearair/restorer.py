@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from clearair.export import (
@@ -52,7 +51,6 @@ from clearair.models.factory import build_model
 from clearair.models.pretrained import MissingWeightsError, full_state_dict
 from clearair.priors import build_priors
 from synth import storage
-from synth.imageio import pil_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +149,9 @@ def _as_batch(image: Any) -> tuple[Tensor, Any]:
     if not isinstance(image, np.ndarray):  # a PIL image
         if not hasattr(image, "mode"):
             raise TypeError(f"cannot restore a {type(image).__name__}: give a numpy array, a PIL image or a tensor")
+        from PIL import Image  # image I/O (PIL, and OpenCV through synth.imageio) stays out of `import clearair`
+
+        from synth.imageio import pil_to_rgb
 
         x, back = _as_batch(pil_to_rgb(image)[0])
         return x, lambda y: Image.fromarray(back(y))
