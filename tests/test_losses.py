@@ -324,7 +324,8 @@ def _gathered_infonce_worker(rank: int, world: int, init: str, features: torch.T
         positive = features[1, rank * n : (rank + 1) * n].clone().requires_grad_(True)
         loss, coverage = cfe_infonce(anchor, positive, labels[rank * n : (rank + 1) * n], tau=0.1, gather=True)
         loss.backward()
-        out.put((rank, float(loss.detach()), float(coverage), anchor.grad, positive.grad))
+        # plain lists: a tensor would cross the queue as a shared-memory handle that dies with this process
+        out.put((rank, float(loss.detach()), float(coverage), anchor.grad.tolist(), positive.grad.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -344,7 +345,8 @@ def test_gathered_infonce_on_two_gloo_workers_matches_the_single_process_loss(tm
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
-    results = {r: (loss, cov, ga, gp) for r, loss, cov, ga, gp in (out.get(timeout=120) for _ in procs)}
+    results = {r: (loss, cov, torch.tensor(ga), torch.tensor(gp))
+               for r, loss, cov, ga, gp in (out.get(timeout=120) for _ in procs)}  # fmt: skip
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
