@@ -129,10 +129,20 @@ class SynthParams(Strict):
     patch_size: int = Field(128, ge=8, description="Training crop size drawn at read time; smaller images are skipped.")
     max_side: int | None = Field(512, ge=16, description="Longer images are downscaled (area) to this long side.")
     variants: int = Field(1, ge=1, description="Degraded variants drawn per clean source image.")
+    heldout: Literal["variants", "every_task"] = added_field(
+        "variants",
+        description="Validation and test images get `variants` degraded versions like training images, or "
+        "`every_task`: one per entry of the recipe's task cycle (each task once when weights are equal), so every "
+        "task is measured on every held-out image, as the papers' per-task test sets are.",
+    )
     max_samples: int | None = Field(None, ge=1)
     png_compression: int = Field(1, ge=0, le=9, description="zlib level of the PNGs in the shards (1 = fast).")
     splits: SplitConfig = SplitConfig()
     demo: DemoConfig = DemoConfig()
+
+    def heldout_variants(self, task_cycle: list[str]) -> int | None:
+        """Variants of a validation or test image under ``heldout`` (None: ``variants``, as for training)."""
+        return len(task_cycle) if self.heldout == "every_task" else None
 
 
 class SynthConfig(SynthParams):

@@ -68,8 +68,16 @@ def sample_key(identity: str, variant: int) -> str:
     return f"{identity[:20]}_v{variant:03d}"
 
 
-def expand(items: list[SourceItem], task_cycle: list[str], variants: int, splits: SplitConfig) -> list[SampleSpec]:
-    """Every sample: pairs once with their dataset's task, clean images ``variants`` times over the recipe's tasks."""
+def expand(
+    items: list[SourceItem],
+    task_cycle: list[str],
+    variants: int,
+    splits: SplitConfig,
+    heldout_variants: int | None = None,
+) -> list[SampleSpec]:
+    """Every sample: pairs once with their dataset's task, clean images ``variants`` times over the recipe's tasks
+    (validation and test images ``heldout_variants`` times when given). Variant ``v`` of an image always takes the
+    same task and random stream, so more variants add samples and change none."""
     out = []
     for item in items:
         split, fold = assign_split(item, splits)
@@ -77,7 +85,8 @@ def expand(items: list[SourceItem], task_cycle: list[str], variants: int, splits
             out.append(SampleSpec(sample_key(item.identity, 0), item, 0, item.task or item.dataset, split, fold))
             continue
         offset = int(item.identity[:8], 16) % len(task_cycle)
-        for v in range(variants):
+        turns = heldout_variants if heldout_variants is not None and split in ("val", "test") else variants
+        for v in range(turns):
             task = task_cycle[(offset + v) % len(task_cycle)]
             out.append(SampleSpec(sample_key(item.identity, v), item, v, task, split, fold))
     return out

@@ -118,7 +118,8 @@ def plan(
     and samples the plan does not hold yet (new sources) go into new shards appended to it.
     """
     found = discover(cfg.sources, cfg.demo, cfg.patch_size, cfg.splits.folds, progress)
-    samples = expand(found.items, recipe.task_cycle(), cfg.variants, cfg.splits)
+    cycle = recipe.task_cycle()
+    samples = expand(found.items, cycle, cfg.variants, cfg.splits, cfg.heldout_variants(cycle))
     by_key = {s.key: s for s in samples}
     committed = read_plan(out)
     pending = []

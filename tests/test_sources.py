@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synth.config import DemoConfig, SourceSpec, SplitConfig
+from synth.config import DemoConfig, SourceSpec, SplitConfig, SynthParams, digest_dump
 from synth.imageio import BadImage, load_rgb
-from synth.plan import assign_split
+from synth.plan import assign_split, expand
+from synth.recipes import load_recipe
 from synth.sources import discover, discover_demo
 from tests.conftest import textured
 
@@ -192,3 +193,22 @@ def test_demo_split_by_tile_is_unchanged_by_the_photo_option():
     photos_of_test = {gt.partition("#")[0] for gt, (s, _) in by_tile if s == "test"}
     assert len(photos_of_test) > 2  # tiles of many photographs in test: why the photo split exists
     assert DemoConfig().split_by == "tile"
+
+
+def test_heldout_every_task_measures_every_task_on_every_heldout_photo_and_keeps_existing_samples():
+    cycle = load_recipe("3task").task_cycle()
+    items = discover_demo(DemoConfig(split_by="photo"), folds=2)
+    default = SynthParams(sources=[{"path": "demo", "layout": "demo"}], recipe="3task", variants=2)
+    every = default.model_copy(update={"heldout": "every_task"})
+    base = expand(items, cycle, 2, default.splits, default.heldout_variants(cycle))
+    full = expand(items, cycle, 2, every.splits, every.heldout_variants(cycle))
+    tasks: dict[str, set[str]] = {}
+    for s in full:
+        if s.split != "train":
+            tasks.setdefault(s.item.identity, set()).add(s.task)
+    assert tasks and all(found == set(cycle) for found in tasks.values())  # every held-out image under every task
+    assert all(sum(1 for s in full if s.item.identity == i) == len(cycle) for i in tasks)
+    # training samples are those of `variants`, and every sample made before keeps its key and task
+    assert {(s.key, s.task) for s in base} <= {(s.key, s.task) for s in full}
+    assert [s for s in full if s.split == "train"] == [s for s in base if s.split == "train"]
+    assert "heldout" not in digest_dump(default) and digest_dump(every)["heldout"] == "every_task"
