@@ -191,13 +191,14 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
     """The quickstart (seed 0) on held-out photographs: a restorer well above its input on noise and rain and no
     worse on haze, and a perceiver on the shipped quality-aware CLIP that orders tiers. Every stage is seeded and
     every library's CPU kernels are capped at AVX2 (synth.portable), so a seed-0 run should give the same figures on
-    every x86-64 machine of this kind. The thresholds sit below the lowest of seeds 0, 1 and 2 (README, 2-core
-    AVX2-only machine, 2026-12-04): noise +2.5 dB (+3.21), rain +2 dB (+2.77), macro +4 dB (+4.57), accuracy 0.65
-    (0.69), low and high recall 0.5 (0.68), medium recall 0.35 (0.43), win rates 0.75 on rain and haze (0.85),
-    Spearman 0.5 on haze (0.63) and 0.3 on rain (0.43). Haze is the weak task at this size: +0.26 to +1.52 dB
-    there, and a seed-0 run moved from +0.19 to +1.52 dB when MKL's kernels were pinned, so the test asks only
-    that dehazing does no harm. The haze and rain tiers measured -1.11 to +1.43 and -3.14 to +1.74 dB: the stage must
-    warn about a margin under 1 dB, not pass it off as separable."""
+    every x86-64 machine of this kind. Every test tile is restored under every task (16 per task). The thresholds
+    sit below the lowest of seeds 0, 1 and 2 (README, 2-core Intel machine, 2026-12-06; seed 0 in brackets):
+    noise +2.5 dB (+3.91), rain +2 dB (+2.86), macro +4 dB (+4.54), accuracy 0.65 (0.71), low and high recall 0.5
+    (0.78, 0.95), medium recall 0.3 (0.38), win rates 0.75 on rain and haze (0.86, 1.0), Spearman 0.5 on haze
+    (0.60) and 0.3 on rain (0.47). Haze is the weak task at this size: about +0.9 dB for every seed on 16 tiles,
+    and +0.37 for seed 0 after a change as small as the fused optimiser kernel, so the test asks only that
+    dehazing does no harm. The haze and rain tiers measure within ~1 dB either side of 0: the stage must warn
+    about a margin under 1 dB, not pass it off as separable."""
     workdir = tmp_path / "qs"
     res = clearair("run", "quickstart", "--workdir", str(workdir), "--no-progress", timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -208,7 +209,7 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
     metrics = json.loads(next(workdir.glob("stages/perceiver-*/result.json")).read_text())["metrics"]
     assert metrics["heldout/accuracy"] >= 0.65, metrics  # chance: 0.33
     assert min(metrics["heldout/recall_low"], metrics["heldout/recall_high"]) >= 0.5, metrics
-    assert metrics["heldout/recall_medium"] >= 0.35, metrics
+    assert metrics["heldout/recall_medium"] >= 0.3, metrics
     for task in tiers:  # clean beats degraded, and the score follows the tier rank
         noise = task.startswith("denoise")
         assert metrics[f"heldout/{task}.win"] >= (0.9 if noise else 0.75), (task, metrics)
