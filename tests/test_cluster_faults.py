@@ -92,11 +92,20 @@ def shards_written_on(out: Path, node_id: str) -> int:
 DIED_WITH_NODE = ("NODE_DIED", "WORKER_DIED")
 
 
-def running_on(address: str, node_id: str) -> bool:
+def running_on(address: str, node_id: str) -> list[int]:
+    """Worker pids of the shard tasks the state API reports RUNNING on ``node_id``."""
     from ray.util.state import list_tasks
 
     filters = [("func_or_class_name", "=", "_write_shard_task"), ("state", "=", "RUNNING"), ("node_id", "=", node_id)]
-    return bool(list_tasks(address=address, filters=filters, limit=10, raise_on_missing_output=False))
+    tasks = list_tasks(address=address, filters=filters, detail=True, limit=10, raise_on_missing_output=False)
+    return [t.worker_pid for t in tasks if t.worker_pid]
+
+
+def shard_attempts(address: str) -> list:
+    from ray.util.state import list_tasks
+
+    filters = [("func_or_class_name", "=", "_write_shard_task")]
+    return list_tasks(address=address, filters=filters, detail=True, limit=1000, raise_on_missing_output=False)
 
 
 def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_path):
@@ -104,28 +113,29 @@ def test_node_removed_mid_synthesis_gives_the_shards_of_an_undisturbed_run(tmp_p
     subprocess.run(synth_cli(out), env=ENV, cwd=REPO, check=True, timeout=300)  # reference: its own local Ray
     reference = out.rename(tmp_path / "reference")
     with two_nodes() as (cluster, worker):
-        from ray.util.state import list_tasks
-
         proc = subprocess.Popen(
             synth_cli(out, "--ray-address", cluster.address), env=ENV, cwd=REPO, start_new_session=True
         )
         try:
-            # a shard already written there, and another one the cluster knows is running there: killing the node
-            # then always hits a task mid-write (a fixed sleep raced the task's start and its first state report)
+            # a shard already written there, and another one the cluster knows is running there: its worker process
+            # is killed first, then the node, so the fault always hits a task mid-write (removing the node alone
+            # once lost nothing on CI: the reported task had finished in the state API's reporting lag)
             node = worker.node_id
-            wait_for(lambda: shards_written_on(out, node) and running_on(cluster.address, node), proc)
-            cluster.remove_node(worker, allow_graceful=False)  # raylet killed; its workers die with it
+            pids = wait_for(lambda: shards_written_on(out, node) and running_on(cluster.address, node), proc)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            cluster.remove_node(worker, allow_graceful=False)  # raylet killed; its other workers die with it
             assert proc.wait(timeout=300) == 0
         finally:
             stop(proc)
-        tasks = list_tasks(
-            address=cluster.address,
-            filters=[("func_or_class_name", "=", "_write_shard_task")],
-            detail=True,
-            limit=1000,
-            raise_on_missing_output=False,
-        )
-    lost = [t for t in tasks if t.state == "FAILED" and t.error_type in DIED_WITH_NODE]
+        # the failed attempt's event reaches the state API asynchronously: give it a few seconds to land
+        deadline = time.time() + 30
+        while True:
+            tasks = shard_attempts(cluster.address)
+            lost = [t for t in tasks if t.state == "FAILED" and t.error_type in DIED_WITH_NODE]
+            if lost or time.time() > deadline:
+                break
+            time.sleep(1)
     seen = [(t.attempt_number, t.state, t.error_type, t.node_id) for t in tasks if t.state != "FINISHED"]
     assert lost and all(t.node_id == worker.node_id for t in lost), seen  # a shard task died with its node ...
     retried = {t.task_id for t in tasks if t.attempt_number > 0 and t.state == "FINISHED"}
