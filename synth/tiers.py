@@ -66,6 +66,13 @@ def margin_name(tier: str) -> str:
     return "margin" + tier.removeprefix("medium")
 
 
+def medium_gains(meta: dict) -> list[float]:
+    """Each medium tier's PSNR gain over the low tier in dB, in member order (``medium``, ``medium1``, ...): how
+    much the held-out restoration improved on its input. Negative when the restorer made the input worse."""
+    psnr = meta["psnr"]
+    return [psnr[tier] - psnr["low"] for tier in medium_tiers(medium_count(meta))]
+
+
 def medium_count(row: dict) -> int:
     """How many medium tiers the tier-sample json ``row`` scores (1 in version-1 and -2 tier sets)."""
     return sum(1 for tier in row["psnr"] if tier == "medium" or FURTHER_MEDIUM.fullmatch(f"{tier}.png"))

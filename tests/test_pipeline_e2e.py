@@ -196,7 +196,8 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
     machine, 2026-12-06; seed 0 in brackets):
     noise +2.5 dB (+3.91), rain +2 dB (+2.86), macro +4 dB (+4.54), accuracy 0.65 (0.71), low and high recall 0.5
     (0.78, 0.95), medium recall 0.3 (0.38), win rates 0.75 on rain and haze (0.86, 1.0), Spearman 0.5 on haze
-    (0.60) and 0.3 on rain (0.47). Haze is the weak task at this size: about +0.9 dB for every seed on 16 tiles,
+    (0.60) and 0.3 on rain (0.47); on the 70 held-out tier samples whose medium is >= 1 dB above low, accuracy 0.7
+    (0.80) and medium recall 0.45 (0.56). Haze is the weak task at this size: about +0.9 dB for every seed on 16 tiles,
     and +0.37 for seed 0 after a change as small as the fused optimiser kernel, so the test asks only that
     dehazing does no harm. The haze and rain tiers measure within ~1 dB either side of 0: the stage must warn
     about a margin under 1 dB, not pass it off as separable."""
@@ -211,6 +212,9 @@ def test_quickstart_shows_the_papers_idea_at_laptop_scale(tmp_path):
     assert metrics["heldout/accuracy"] >= 0.65, metrics  # chance: 0.33
     assert min(metrics["heldout/recall_low"], metrics["heldout/recall_high"]) >= 0.5, metrics
     assert metrics["heldout/recall_medium"] >= 0.3, metrics
+    # on the held-out tiers whose medium is >= 1 dB above low (perceiver.wellposed_gain), the issue's targets
+    assert metrics["heldout_wellposed/samples"] >= 50, metrics
+    assert metrics["heldout_wellposed/accuracy"] >= 0.7 and metrics["heldout_wellposed/recall_medium"] >= 0.45, metrics
     for task in tiers:  # clean beats degraded, and the score follows the tier rank
         noise = task.startswith("denoise")
         assert metrics[f"heldout/{task}.win"] >= (0.9 if noise else 0.75), (task, metrics)

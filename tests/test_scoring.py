@@ -83,3 +83,35 @@ def test_score_on_a_device_this_machine_lacks_fails_before_any_image(prompts, tm
     assert main(["score", str(tmp_path), "--prompts", str(prompts), "--device", device]) == 2
     captured = capsys.readouterr()
     assert f"device {device!r}" in captured.err and captured.out == ""
+
+
+def test_the_wellposed_report_scores_exactly_the_tiers_whose_medium_beats_low(tmp_path) -> None:
+    """``perceiver.wellposed_gain``: the held-out report adds the samples whose first medium tier is that many dB
+    above the low one, and nothing else changes."""
+    from clearair.data import whole_images
+    from clearair.scoring import score_tier_samples
+    from synth.tiers import medium_gains, write_tier_shard
+    from workflows.prompts import heldout_report
+
+    rng = np.random.default_rng(0)
+    gains = {"a": -2.0, "b": 0.4, "c": 1.0, "d": 3.5}  # a restoration worse than its input, barely better, ...
+    samples = []
+    for i, (key, gain) in enumerate(gains.items()):
+        low, medium, high = (rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3))
+        psnr = {"low": 20.0, "medium": 20.0 + gain, "medium1": 19.0}  # the second medium is not what counts
+        samples.append((low, [medium, low], high, {"key": key, "task": ("derain", "dehaze")[i % 2], "psnr": psnr}))
+    url = str(tmp_path / "test-000000.tar")
+    write_tier_shard(url, samples)
+    assert sum((medium_gains(s[3]) for s in samples), []) == pytest.approx([x for g in gains.values() for x in (g, -1)])
+    torch.manual_seed(0)
+    perceiver = build_perceiver(PerceiverConfig.tiny()).eval()
+
+    plain = heldout_report(perceiver, [url], None, tmp_path)
+    assert plain and not any(k.startswith("heldout_wellposed/") for k in plain)
+    report = heldout_report(perceiver, [url], None, tmp_path, min_gain=1.0)
+    assert report["heldout_wellposed/samples"] == 2.0  # c (exactly 1 dB) and d
+    posed = [s for s in score_tier_samples(perceiver, list(whole_images([url])), None) if s.key in "cd"]
+    expected = tier_report(posed)
+    assert {k.removeprefix("heldout_wellposed/"): v for k, v in report.items() if k.startswith("heldout_wellposed/")
+            and k != "heldout_wellposed/samples"} == expected  # fmt: skip
+    assert {k: v for k, v in report.items() if not k.startswith("heldout_wellposed/")} == plain

@@ -129,6 +129,12 @@ class PerceiverStageConfig(Strict):
         "CLIP's input (what the CLIP-aware loss sees; the quickstart uses it, and the training crop then enters "
         "this stage's cache key).",
     )
+    wellposed_gain: float | None = added_field(
+        None,
+        description="Also report the held-out tiers whose medium tier is at least this many dB (PSNR) above its low "
+        "tier (heldout_wellposed/...): a restoration no better than its input is no 'mediocre' image, so this "
+        "separates the perceiver's errors from ill-posed tiers. None: no such report. The prompts do not change.",
+    )
 
 
 class PriorsConfig(Strict):

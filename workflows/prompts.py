@@ -12,6 +12,7 @@ from clearair.models.perceiver import TIERS
 from clearair.scoring import confusion, score_tier_samples, tier_report
 from synth import storage
 from synth.figures import heatmap, labelled_grid, png_bytes, thumb
+from synth.tiers import medium_gains
 from workflows.records import TrackingRef
 
 
@@ -34,6 +35,7 @@ class PerceiverJob:
     view: str  # crop, resize or train_crop (perceiver.view)
     crop: int  # train.fit.crop: the crop of the ``train_crop`` view
     tracking: TrackingRef  # the stage's run
+    wellposed_gain: float | None = None  # perceiver.wellposed_gain: the heldout_wellposed report's threshold
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def fit_perceiver(job: PerceiverJob) -> LearnedPrompts:
         trainer.validate(module, val, verbose=False)
         module.export_prompts(out / "prompts.safetensors", view={"view": job.view, "crop": crop})
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        metrics |= heldout_report(module.perceiver.eval(), job.val, crop, out)
+        metrics |= heldout_report(module.perceiver.eval(), job.val, crop, out, job.wellposed_gain)
     tracker.close()
     figures = [storage.join(job.out, n) for n in FIGURES]
     return LearnedPrompts(storage.join(job.out, "prompts.safetensors"), module.confusion.tolist(), metrics, figures)
@@ -116,13 +118,21 @@ def score_crop(view: str, crop: int | None, image_size: int) -> int | None:
     return {"train_crop": crop, "crop": image_size}.get(view)
 
 
-def heldout_report(perceiver, urls: list[str], crop: int | None, out) -> dict[str, float]:
+def heldout_report(
+    perceiver, urls: list[str], crop: int | None, out, min_gain: float | None = None
+) -> dict[str, float]:
     """Scores of every held-out tier image on the view's crop grid (``heldout/...``) and whole (``whole/...``);
-    writes the confusion heatmap and the tier contact sheet into ``out``."""
+    with ``min_gain``, also on the samples whose (first) medium tier is that many dB above the low one
+    (``heldout_wellposed/...``, and how many: ``heldout_wellposed/samples``). Writes the confusion heatmap and
+    the tier contact sheet into ``out``."""
     samples = list(whole_images(urls))
     grid, whole = score_tier_samples(perceiver, samples, crop), score_tier_samples(perceiver, samples, None)
     metrics = {f"heldout/{k}": v for k, v in tier_report(grid).items()}
     metrics |= {f"whole/{k}": v for k, v in tier_report(whole).items()}
+    if min_gain is not None:
+        posed = {s["key"] for s in samples if medium_gains(s["meta"])[0] >= min_gain}
+        metrics["heldout_wellposed/samples"] = float(len(posed))
+        metrics |= {f"heldout_wellposed/{k}": v for k, v in tier_report([g for g in grid if g.key in posed]).items()}
     names = list(TIERS)
     (out / FIGURES[0]).write_bytes(png_bytes(heatmap(confusion(grid), names, names, "true (rows) / predicted")))
     first = {s["meta"]["task"]: s for s in reversed(samples)}

@@ -61,6 +61,7 @@ def perceiver_job(cfg: PipelineConfig, ctx: RunContext, tiers: str) -> Perceiver
         view=p.view,
         crop=cfg.train.fit.crop,
         tracking=ctx.tracking(),
+        wellposed_gain=p.wellposed_gain,
     )
 
 
