@@ -67,7 +67,11 @@ class ProgressLines(L.Callback):
 
     def _print(self, trainer: L.Trainer) -> None:
         self._last = self.clock()
-        print(self.line(trainer), file=self.out or sys.stdout, flush=True)
+        # written, not printed: Ray Train patches print() in its workers to both print and log a line, so every
+        # progress line reached the driver twice
+        out = self.out or sys.stdout
+        out.write(self.line(trainer) + "\n")
+        out.flush()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = (self.clock(), trainer.global_step)  # a resumed run's rate counts from here
