@@ -24,7 +24,9 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,16 @@ log = logging.getLogger(__name__)
 VAL_AVERAGES = ("task_mean", "image_mean")  # what val/psnr averages (see RestorerModule's select_by)
 PROBE_CHUNK = 8  # probe crops restored per forward pass
 MAX_TASKS = 64  # validation sums are kept per task id in a fixed-size buffer (one all-reduce, any task mix per rank)
+
+
+@contextmanager
+def frozen_parts_in_eval() -> Iterator[None]:
+    """Around ``trainer.fit``: Lightning warns about every module in eval mode at the start of training, and frozen
+    parts (:class:`~clearair.models.pretrained.Frozen`) are in eval mode by design, so that warning is silenced
+    here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+        yield
 
 
 class RestorerModule(L.LightningModule):

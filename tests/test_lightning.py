@@ -355,6 +355,29 @@ def test_any_network_trains_with_the_parts_it_is_given(synth_shards, tmp_path):
     assert set(module.state_dict()) == {"model.weight", "model.bias", "probe_psnr"}  # the loss holds no weights
 
 
+def test_around_fit_only_the_warning_about_eval_mode_parts_is_silenced(synth_shards, tmp_path):
+    """Frozen parts are in eval mode by design; Lightning's warning about them is silenced around fit, no other."""
+    import contextlib
+
+    from clearair.lightning import frozen_parts_in_eval
+
+    tasks = synth_tasks(synth_shards)
+
+    def messages(silenced: bool) -> list[str]:
+        module = RestorerModule(nn.Conv2d(3, 3, 3, padding=1), PixelObjective(), OptimSpec(max_steps=1, lr=1e-2))
+        module.frozen_stand_in = nn.Conv2d(3, 3, 1).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with frozen_parts_in_eval() if silenced else contextlib.nullcontext():
+                trainer(tmp_path, fast_dev_run=1).fit(module, restoration_loader(synth_shards, 32, 2, tasks))
+                warnings.warn("another warning", UserWarning, stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    assert any("in eval mode" in m for m in messages(silenced=False))
+    silenced = messages(silenced=True)
+    assert not any("in eval mode" in m for m in silenced) and "another warning" in silenced
+
+
 def test_perceive_ir_training_keeps_frozen_parts_out_of_checkpoints(tier_shards, tmp_path):
     tasks = TaskIndex(TASKS)
     spec = tiny_spec(

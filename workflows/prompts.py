@@ -82,7 +82,7 @@ def fit_perceiver(job: PerceiverJob) -> LearnedPrompts:
     """Train the prompts; runs as a Ray task (on a GPU node when asked)."""
     import lightning.pytorch as L
 
-    from clearair.lightning import PerceiverModule
+    from clearair.lightning import PerceiverModule, frozen_parts_in_eval
     from workflows.tracking.callback import MetricsCallback
 
     tracker = job.tracking.open()
@@ -100,7 +100,8 @@ def fit_perceiver(job: PerceiverJob) -> LearnedPrompts:
     keep = ("prompts.safetensors", *FIGURES)  # Lightning's working files stay local
     with storage.local_output(job.out, keep=keep) as out:
         trainer = prompt_trainer(job, [MetricsCallback(tracker, job.tracking.run_id)], str(out / "lightning"))
-        trainer.fit(module, train, val)
+        with frozen_parts_in_eval():
+            trainer.fit(module, train, val)
         trainer.validate(module, val, verbose=False)
         module.export_prompts(out / "prompts.safetensors", view={"view": job.view, "crop": crop})
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -121,7 +121,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    from clearair.lightning import build_restorer_module
+    from clearair.lightning import build_restorer_module, frozen_parts_in_eval
 
     job: RestorerJob = config["job"]
     torch.manual_seed(job.seed)
@@ -149,13 +149,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     )
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        trainer.fit(module, train, val)
-        return
-    with checkpoint.as_directory() as d:
-        trainer.fit(
-            module, train, val, ckpt_path=str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME), weights_only=True
-        )
+    with frozen_parts_in_eval():
+        if checkpoint is None:
+            trainer.fit(module, train, val)
+            return
+        with checkpoint.as_directory() as d:
+            ckpt = str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME)
+            trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
 
 
 def _trainer(job: RestorerJob, storage_path: str) -> Any:

@@ -25,7 +25,6 @@ from clearair.models.pretrained import MissingWeightsError, freeze
 log = logging.getLogger(__name__)
 
 
-
 class RegionSource(nn.Module):
     """Base class: ``source(images)`` with images ``(B, 3, H, W)`` in [0, 1] gives masks ``(B, n_regions, h, w)``.
 
