@@ -97,3 +97,13 @@ def test_a_line_says_step_loss_psnr_rate_and_eta():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="every_s > 0"):
         ProgressLines("x", 0, 8)
+
+
+@pytest.mark.parametrize("val_every", [10, 40])
+def test_the_end_line_is_not_a_repeat_of_the_last_one(val_every):
+    """Every batch prints here (1.5 s a step, a line every 1 s): the end adds a line only when a validation after
+    the last batch's line changed what it says (its PSNR)."""
+    lines = _fit(steps=20, val_every=val_every, every_s=1.0)
+    heads = [line.split(" |")[0] for _, line in lines]
+    assert len(heads) == len(set(heads)), heads
+    assert heads[-1].startswith("train: step 20/20") and ("val/psnr" in heads[-1]) == (val_every == 10)

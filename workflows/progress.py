@@ -2,9 +2,9 @@
 
 Each line: ``<label>: step 120/500 (24%) loss 0.0412 val/psnr 26.31 | 38.2 samples/s, ETA 3.1 min``. A line is
 printed when ``every_s`` seconds (10 by default) passed since the last one, after a validation when at least
-``min_gap_s`` (5) passed (a later line shows its PSNR otherwise), and at the end. Lines go to stdout, which Ray sends
-to the driver's terminal unless ``clearair -q``; Lightning's bar is off because it redraws in place, which a
-log file or a driver's prefixed output cannot show.
+``min_gap_s`` (5) passed (a later line shows its PSNR otherwise), and at the end unless the last line said the
+same. Lines go to stdout, which Ray sends to the driver's terminal unless ``clearair -q``; Lightning's bar is off
+because it redraws in place, which a log file or a driver's prefixed output cannot show.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ProgressLines(L.Callback):
         self.every_s, self.min_gap_s, self.clock, self.out = every_s, min_gap_s, clock, out
         self._start: tuple[float, int] | None = None  # (time, step) when this process started training
         self._last = float("-inf")
+        self._shown = ""  # the last line up to its rate: what a repeat of it would add nothing to
 
     def line(self, trainer: L.Trainer) -> str:
         """The current progress line."""
@@ -67,10 +68,12 @@ class ProgressLines(L.Callback):
 
     def _print(self, trainer: L.Trainer) -> None:
         self._last = self.clock()
+        line = self.line(trainer)
+        self._shown = line.split(" |")[0]
         # written, not printed: Ray Train patches print() in its workers to both print and log a line, so every
         # progress line reached the driver twice
         out = self.out or sys.stdout
-        out.write(self.line(trainer) + "\n")
+        out.write(line + "\n")
         out.flush()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -85,5 +88,6 @@ class ProgressLines(L.Callback):
             self._print(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        """The end line, unless the last line already said the same (step and metrics)."""
+        if trainer.is_global_zero and self.line(trainer).split(" |")[0] != self._shown:
             self._print(trainer)
