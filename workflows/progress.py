@@ -66,10 +66,10 @@ class ProgressLines(L.Callback):
             parts.append(f"| {rate * self.samples_per_step:.1f} samples/s, ETA {eta_text}")
         return " ".join(parts)
 
-    def _print(self, trainer: L.Trainer) -> None:
+    def _print(self, trainer: L.Trainer, line: str | None = None) -> None:
         self._last = self.clock()
-        line = self.line(trainer)
-        self._shown = line.split(" |")[0]
+        line = self.line(trainer) if line is None else line
+        self._shown = _head(line)
         # written, not printed: Ray Train patches print() in its workers to both print and log a line, so every
         # progress line reached the driver twice
         out = self.out or sys.stdout
@@ -89,5 +89,10 @@ class ProgressLines(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The end line, unless the last line already said the same (step and metrics)."""
-        if trainer.is_global_zero and self.line(trainer).split(" |")[0] != self._shown:
-            self._print(trainer)
+        if trainer.is_global_zero and _head(line := self.line(trainer)) != self._shown:
+            self._print(trainer, line)
+
+
+def _head(line: str) -> str:
+    """A progress line without its rate: the step and metrics it reports."""
+    return line.split(" |")[0]

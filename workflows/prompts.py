@@ -35,7 +35,7 @@ class PerceiverJob:
     view: str  # crop, resize or train_crop (perceiver.view)
     crop: int  # train.fit.crop: the crop of the ``train_crop`` view
     tracking: TrackingRef  # the stage's run
-    wellposed_gain: float | None = None  # perceiver.wellposed_gain: the heldout_wellposed report's threshold
+    wellposed_gain: float | None  # perceiver.wellposed_gain: the heldout_wellposed report's threshold
 
 
 @dataclass(frozen=True)
