@@ -279,10 +279,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), {"arch": info["arch"], "config": info["config"], "extra": extra}
 
 
-def _local_source(source: str, tracking_uri: str | None) -> Path:
-    """A local file or directory for ``source``: object stores and MLflow registries are downloaded first."""
+def _local_source(source: str, tracking_uri: str | None, downloads: Path) -> Path:
+    """A local file or directory for ``source``: object stores are downloaded into the cache, MLflow models into
+    ``downloads`` (a directory that lives only while the model loads)."""
     if source.startswith(("models:/", "runs:/")):
-        return _mlflow_export(source, tracking_uri)
+        return _mlflow_export(source, tracking_uri, downloads)
     if storage.is_remote(source):
         try:
             return storage.local_copy(source) if storage.is_file(source) else storage.local_tree(source)
@@ -294,7 +295,7 @@ def _local_source(source: str, tracking_uri: str | None) -> Path:
     return path
 
 
-def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
+def _mlflow_export(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     """Download a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or a logged one and return
     the export directory inside it."""
     import mlflow.artifacts
@@ -316,7 +317,7 @@ def _mlflow_export(uri: str, tracking_uri: str | None) -> Path:
         else:
             artifact = uri
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=artifact, dst_path=tempfile.mkdtemp(prefix="clearair-model-"), tracking_uri=tracking_uri
+            artifact_uri=artifact, dst_path=os.fspath(dst), tracking_uri=tracking_uri
         )
     except MlflowException as err:
         raise RestorerLoadError(f"{uri} in {tracking_uri}: {err.message}") from None
@@ -390,8 +391,9 @@ def load_restorer(
         dtype = resolve_precision(precision, dev)
     except ValueError as err:
         raise RestorerLoadError(str(err)) from None
-    network, record = _network_and_record(_local_source(source, tracking_uri), source)
-    provider = build_frozen(record["extra"], source, check_frozen)
+    with tempfile.TemporaryDirectory(prefix="clearair-model-") as downloads:  # weights are in memory after this
+        network, record = _network_and_record(_local_source(source, tracking_uri, Path(downloads)), source)
+        provider = build_frozen(record["extra"], source, check_frozen)
     network = network.to(dev).eval()
     if provider is not None:
         provider = provider.to(dev).eval()

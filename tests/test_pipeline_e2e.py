@@ -24,8 +24,8 @@ TINY = str(Path(__file__).parent / "pipelines" / "tiny.yaml")
 STAGES = ("synth", "crossval", "perceiver", "priors", "train", "evaluate")
 
 
-def clearair(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+def clearair(*args: str, timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -46,9 +46,12 @@ def runs_by_name(uri: str, experiment: str) -> tuple[object, dict[str, list]]:
 def tiny_run(tmp_path_factory) -> Path:
     """One finished tiny pipeline per module; tests copy it (a workdir moves), so those that change only the
     train stage run that stage and what follows, not synthesis and cross-validation again."""
-    workdir = tmp_path_factory.mktemp("tiny") / "w"
-    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress")
+    workdir, temp = tmp_path_factory.mktemp("tiny") / "w", tmp_path_factory.mktemp("temp")
+    # the stages' temp files (Ray's session stays in /tmp: its socket paths have a length limit)
+    env = {"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"}
+    res = clearair("run", TINY, "--workdir", str(workdir), "--no-progress", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(temp.glob("clearair-*")), "a stage left its temp files behind"
     return workdir
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,21 @@ def test_registered_perceive_ir_and_clearair_predict_in_a_fresh_process(perceive
         assert served[name].shape == images.shape and np.abs(served[name] - local).max() < 1e-5
         registered = load_restorer(f"models:/{name}@champion", device="cpu", tracking_uri=uri)
         assert registered.arch == load_restorer(export, device="cpu").arch
+
+
+def test_a_registered_model_restores_after_its_download_is_gone(perceive_ir, clearair_export, tmp_path, monkeypatch):
+    """``load_restorer("models:/...")`` downloads into a directory that lives only while the model loads: the
+    restorer (priors included) works after it is removed, and repeated loads leave nothing in the temp dir."""
+    uri = default_tracking_uri(tmp_path)
+    tracker = Tracker(uri, "models")
+    run = tracker.start_run("train")
+    images = np.stack([IMAGE, IMAGE[::-1]]).astype(np.float32) / 255.0
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for name, export in (("tiny-pir", perceive_ir), ("tiny-clearair", clearair_export)):
+        tracker.register_model(run, export, name, alias="champion")
+        registered = load_restorer(f"models:/{name}@champion", device="cpu", precision="fp32", tracking_uri=uri)
+        local = load_restorer(export, device="cpu", precision="fp32")
+        assert sorted(p.name for p in temp.iterdir()) == []
+        assert np.abs(registered(images) - local(images)).max() < 1e-6

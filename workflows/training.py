@@ -130,32 +130,35 @@ def _train_loop(config: dict[str, Any]) -> None:
     train, val = _loaders(job)
     if job.data.probe is not None:
         module.set_probe(job.data.probe)
-    trainer = L.Trainer(
-        max_steps=job.fit["steps"],
-        max_epochs=-1,
-        accelerator="gpu" if job.fit["use_gpu"] else "cpu",
-        devices="auto",
-        strategy=RayDDPStrategy(),
-        plugins=[RayLightningEnvironment()],
-        callbacks=_callbacks(job, nodes),
-        precision=job.fit["precision"],
-        accumulate_grad_batches=job.plan.accumulation,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(prefix="clearair-train-"),
-        log_every_n_steps=10,
-    )
-    trainer = prepare_trainer(trainer)
-    checkpoint = ray.train.get_checkpoint()
-    with frozen_parts_in_eval():
-        if checkpoint is None:
-            trainer.fit(module, train, val)
-            return
-        with checkpoint.as_directory() as d:
-            ckpt = str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME)
-            trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
+    # Lightning's own files (its last checkpoint, ~10 MB at the quickstart's size) live only as long as the fit:
+    # the checkpoints that count are the ones Ray Train keeps under the run's storage.
+    with tempfile.TemporaryDirectory(prefix="clearair-train-") as root:
+        trainer = L.Trainer(
+            max_steps=job.fit["steps"],
+            max_epochs=-1,
+            accelerator="gpu" if job.fit["use_gpu"] else "cpu",
+            devices="auto",
+            strategy=RayDDPStrategy(),
+            plugins=[RayLightningEnvironment()],
+            callbacks=_callbacks(job, nodes),
+            precision=job.fit["precision"],
+            accumulate_grad_batches=job.plan.accumulation,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+            log_every_n_steps=10,
+        )
+        trainer = prepare_trainer(trainer)
+        checkpoint = ray.train.get_checkpoint()
+        with frozen_parts_in_eval():
+            if checkpoint is None:
+                trainer.fit(module, train, val)
+                return
+            with checkpoint.as_directory() as d:
+                ckpt = str(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME)
+                trainer.fit(module, train, val, ckpt_path=ckpt, weights_only=True)
 
 
 def _trainer(job: RestorerJob, storage_path: str) -> Any:
