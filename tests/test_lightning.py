@@ -535,3 +535,26 @@ def test_the_weight_average_is_updated_per_optimizer_step_validated_and_exported
     more.fit(again, batches, validation_loader(synth_shards[:1], tasks), ckpt_path=checkpoints.last_model_path,
              weights_only=True)  # fmt: skip
     assert more.global_step == 8 and int(again.ema_updates) == 8
+
+
+@pytest.mark.slow
+def test_a_ray_train_worker_computes_on_every_cpu_it_holds(ray_session, synth_shards, tmp_path):
+    """Ray's workers inherit OMP_NUM_THREADS=1; a worker that asked for 2 CPUs must still train on 2 threads (the
+    thread count is tagged on the run, as a user comparing runs would look for it)."""
+    from mlflow import MlflowClient
+
+    from clearair.specs import NetworkSpec, OptimSpec, RestorerSpec
+    from workflows.config import Fit
+    from workflows.records import TrackingRef, TrainingData
+    from workflows.training import fit_restorer
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = TrackingRef(uri, "threads", None, str(tmp_path / "artifacts"))
+    tracker = tracking.open()
+    run_id = tracker.start_run("train")
+    tracker.close()
+    data = TrainingData(synth_shards[:3], synth_shards[3:], list(synth_tasks(synth_shards).names))
+    fit = Fit(steps=2, global_batch=2, crop=32, val_every=2, val_images=1, val_crop=32, workers=1, cpus_per_worker=2)
+    spec = RestorerSpec(NetworkSpec("restormer", preset="tiny"), OptimSpec(2, lr=1e-3))
+    fit_restorer("threads", str(tmp_path / "ray"), spec, data, fit.model_dump(), 1, tracking.child(run_id), False)
+    assert MlflowClient(uri).get_run(run_id).data.tags["clearair.torch_threads"] == "2"

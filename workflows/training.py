@@ -92,6 +92,14 @@ def _loaders(job: RestorerJob) -> tuple[Any, Any]:
     return train, validation_loader(data.val, tasks, fit["val_crop"], fit["val_images"], tiers=False)
 
 
+def torch_threads(cpus_per_worker: float) -> int:
+    """Intra-op threads for a worker given ``cpus_per_worker`` CPUs: the whole CPUs it holds, at least one.
+
+    Ray's workers inherit ``OMP_NUM_THREADS=1`` (synth's shard tasks want one thread each), so without this a
+    worker that asked for four CPUs would train on one of them."""
+    return max(1, math.floor(cpus_per_worker))
+
+
 def _callbacks(job: RestorerJob, nodes: list[str]) -> list[Any]:
     """Ray Train's report callback on every rank; on rank 0 also MLflow metrics and progress lines."""
     import ray.train
@@ -104,7 +112,13 @@ def _callbacks(job: RestorerJob, nodes: list[str]) -> list[Any]:
         from workflows.tracking.callback import MetricsCallback
 
         tracker, run_id = job.tracking.open(), job.tracking.run_id
-        tags = {"clearair.world_size": str(context.get_world_size()), "clearair.nodes": str(len(set(nodes)))}
+        import torch
+
+        tags = {
+            "clearair.world_size": str(context.get_world_size()),
+            "clearair.nodes": str(len(set(nodes))),
+            "clearair.torch_threads": str(torch.get_num_threads()),
+        }
         tracker.set_tags(run_id, tags)
         callbacks.append(MetricsCallback(tracker, run_id))
     if job.progress:
@@ -124,6 +138,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from clearair.lightning import build_restorer_module, frozen_parts_in_eval
 
     job: RestorerJob = config["job"]
+    torch.set_num_threads(torch_threads(job.fit["cpus_per_worker"]))
     torch.manual_seed(job.seed)
     nodes = worker_nodes()
     module = build_restorer_module(job.spec)
